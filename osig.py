@@ -337,7 +337,9 @@ def mse_loss(outputs, labels):
 
     outputs [B, C], labels int64 [B] -> [B]. Summed (not averaged) over classes, as in Cohen et al.
     """
-    return 0.5 * (outputs - F.one_hot(labels, outputs.shape[-1]).to(outputs.dtype)).pow(2).sum(-1)
+    # a comparison rather than F.one_hot, which checks label values and so cannot run under vmap
+    one_hot = (labels.unsqueeze(-1) == torch.arange(outputs.shape[-1], device=outputs.device)).to(outputs.dtype)
+    return 0.5 * (outputs - one_hot).pow(2).sum(-1)
 
 
 def cross_entropy_loss(outputs, labels):
@@ -586,10 +588,10 @@ def train(model, x, y, loss_fn, optimizer="gd", lr=0.01, steps=1000, batch_size=
                       examples per step drawn by a seeded reshuffle each epoch.
                "adam" Adam (torch.optim.Adam) on the same minibatches.
     Every step records, at the parameters θ_t before the update: the loss and accuracy (full
-    training set for gd, the minibatch for sgd/adam), for gd the per-example losses of all N
-    examples (from the step's own forward pass: no extra pass), and the outputs on `probes`
-    [P, ...] if given. For sgd/adam the per-example losses of the whole set are recorded every
-    `record_every` steps by an extra forward pass. Every `eig_every` steps: the top `eig_k` Hessian
+    training set for gd, the minibatch for sgd/adam) and the outputs on `probes` [P, ...] if given.
+    Every `record_every` steps (default: every step) it records the per-example losses of all N
+    training examples: for gd from the step's own forward pass (no extra pass), for sgd/adam by
+    an extra forward pass over the whole set. Every `eig_every` steps: the top `eig_k` Hessian
     eigenvalues of the mean loss over the first `eig_examples` examples (`top_eigenvalues`,
     warm-started from the previous eigenvectors), then `callback(step, model, eigenvalues,
     eigenvectors)` if given, whose return value is kept in history["callback"].
@@ -676,3 +678,176 @@ def train(model, x, y, loss_fn, optimizer="gd", lr=0.01, steps=1000, batch_size=
                                    else np.zeros((0, len(probes), 0), np.float32))
     history["callback"], history["diverged"] = record["callback"], record["diverged"]
     return history
+
+
+# ----------------------------------------------------------------------------- 7. Outliers and opposing groups
+
+def loss_spikes(loss, window=20, factor=1.1):
+    """Steps t where the loss exceeds `factor` times its minimum over the previous `window` steps.
+
+    loss: [T]. A spike is counted at every step of it above the threshold. Returns int64 steps.
+    """
+    loss = np.asarray(loss, dtype=np.float64)
+    return np.array([t for t in range(window, len(loss)) if loss[t] > factor * loss[t - window:t].min()],
+                    dtype=np.int64)
+
+
+def edge_of_stability(eig_step, sharpness, lr):
+    """Progressive sharpening to 2/lr: first step with sharpness >= 2/lr, and how closely it hovers there.
+
+    eig_step [E], sharpness [E] (top Hessian eigenvalue at those steps). Returns (first crossing
+    step or None, median over measurements from the crossing on of |sharpness - 2/lr| / (2/lr)).
+    """
+    threshold = 2.0 / lr
+    eig_step, sharpness = np.asarray(eig_step), np.asarray(sharpness, dtype=np.float64)
+    above = np.nonzero(sharpness >= threshold)[0]
+    if len(above) == 0:
+        return None, float("nan")
+    return int(eig_step[above[0]]), float(np.median(np.abs(sharpness[above[0]:] - threshold) / threshold))
+
+
+def top_fraction_share(loss_change, fraction=0.01):
+    """Share of the total |loss change| carried by the top `fraction` of examples.
+
+    loss_change: [..., N] per-example changes ℓ_i(t+1) - ℓ_i(t). Returns [...] values of
+    sum of the largest ceil(fraction·N) |Δℓ_i| / sum_i |Δℓ_i|. For i.i.d. Gaussian changes and
+    fraction 0.01 it is about 0.036 (E|z| over the top 1% tail / E|z|); heavy tails give more.
+    """
+    magnitude = np.abs(np.asarray(loss_change, dtype=np.float64))
+    top = max(1, int(math.ceil(fraction * magnitude.shape[-1])))
+    largest = -np.sort(-magnitude, axis=-1)[..., :top]
+    return largest.sum(-1) / np.maximum(magnitude.sum(-1), 1e-300)
+
+
+def sky_mask(images, rows=0.25, fraction=0.7):
+    """Which images have a sky background: a simple, documented pixel rule.
+
+    images: uint8 [N, H, W, 3]. A pixel is "sky" when it is blue-dominant and not dark:
+    B > R + 10, B >= G and B > 80 (0..255 units). An image has a sky background when at least
+    `fraction` of the pixels in its top `rows` fraction of rows are sky. Returns bool [N].
+    (Overcast grey skies are missed and blue water at the top counts; the rule is deliberately
+    crude so that the groups are defined by a visible feature, not by the network.)
+    """
+    top = images[:, : max(1, int(round(rows * images.shape[1])))].to(torch.int32)
+    red, green, blue = top[..., 0], top[..., 1], top[..., 2]
+    sky = (blue > red + 10) & (blue >= green) & (blue > 80)
+    return sky.flatten(1).float().mean(1) >= fraction
+
+
+def sky_probe(images, mask, mean, std):
+    """A uniform image of the average sky colour, normalized exactly like the training data.
+
+    images uint8 [N, H, W, 3], mask bool [N] (e.g. `sky_mask`), mean/std from `normalize`.
+    The colour is the mean RGB of the top-quarter pixels of the masked images. Returns
+    (probe float32 [1, 3, H, W], rgb [3] in 0..255).
+    """
+    top = images[mask][:, : max(1, images.shape[1] // 4)].reshape(-1, 3).float()
+    rgb = top.mean(0)
+    probe = rgb.view(1, 1, 1, 3).expand(1, images.shape[1], images.shape[2], 3).round().to(torch.uint8)
+    x = probe.permute(0, 3, 1, 2).float() / 255
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), rgb
+
+
+def change_correlation(a, b):
+    """Pearson correlation of the step-to-step changes of two series: corr(diff(a), diff(b))."""
+    da, db = np.diff(np.asarray(a, dtype=np.float64)), np.diff(np.asarray(b, dtype=np.float64))
+    if da.std() == 0 or db.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(da, db)[0, 1])
+
+
+def opposing_groups(model, loss_fn, x, y, lr, eigenvectors, top=30, seed=0):
+    """Find the examples that move most in one GD step and split them into the two opposing groups.
+
+    At parameters θ (the model as given), with the gradient g = ∇L(θ) of the mean loss, the GD step
+    θ' = θ - lr·g is taken on a copy-free trial basis (parameters are restored afterwards) and
+    Δℓ_i = ℓ_i(θ') - ℓ_i(θ) measured for every example. The `top` examples by |Δℓ_i| are the
+    outliers of this step; `top` random others are a control.
+
+    Split rule (our reconstruction): V = eigenvectors [P, k] span the sharp subspace (k = 1 is the
+    top eigenvector; with MSE several eigenvalues sit at 2/lr together, so pass 5-10). The step's
+    oscillating direction there is u = V Vᵀg / |Vᵀg|. Each outlier's per-example gradient g_i is
+    projected on it: s_i = <g_i, u>. To first order the sharp part of the step changes ℓ_i by
+    -lr·|Vᵀg|·s_i, so the group s_i > 0 is predicted to go down and s_i < 0 to go up: the two
+    groups pull the parameters in opposite directions along the sharp subspace.
+
+    Returns a dict of numpy values: index [top] (by decreasing |Δℓ|), loss_change [top],
+    projection s [top], predicted_up bool [top], cos_subspace [top] = |Vᵀg_i| / |g_i| and
+    cos_subspace_random [top] for the control examples, agreement (fraction of outliers whose
+    actual sign of Δℓ matches the prediction), n_up / n_down (actual), group_mean_cosine (cosine of
+    the mean gradients of the predicted-up and predicted-down groups; nan if one is empty), and
+    loss_change_all [N]. Needs `per_example_grads`.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = len(x)
+    with torch.no_grad():
+        before = loss_fn(model(x), y)
+    grads = torch.autograd.grad(loss_fn(model(x), y).mean(), params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p -= lr * g
+        after = loss_fn(model(x), y)
+        for p, g in zip(params, grads):
+            p += lr * g
+    flat_grad = torch.cat([g.reshape(-1) for g in grads])
+    change = (after - before).double()
+    order = torch.argsort(change.abs(), descending=True)
+    outliers = order[:top]
+    generator = torch.Generator().manual_seed(seed)
+    rest = order[top:][torch.randperm(n - top, generator=generator)[:top].to(order.device)]
+    V = eigenvectors.to(flat_grad.dtype)
+    coefficients = V.T @ flat_grad
+    u = V @ (coefficients / coefficients.norm().clamp_min(1e-30))
+    g_out = per_example_grads(model, loss_fn, x[outliers], y[outliers])
+    g_rand = per_example_grads(model, loss_fn, x[rest], y[rest])
+    projection = g_out @ u
+    predicted_up = projection < 0
+    actual_up = change[outliers] > 0
+    up_mean, down_mean = g_out[predicted_up].mean(0), g_out[~predicted_up].mean(0)
+    group_cos = (float(F.cosine_similarity(up_mean, down_mean, dim=0))
+                 if predicted_up.any() and (~predicted_up).any() else float("nan"))
+
+    def subspace_cosine(g):
+        return ((g @ V).norm(dim=1) / g.norm(dim=1).clamp_min(1e-30)).cpu().numpy()
+
+    return {"index": outliers.cpu().numpy(), "loss_change": change[outliers].cpu().numpy(),
+            "projection": projection.double().cpu().numpy(), "predicted_up": predicted_up.cpu().numpy(),
+            "cos_subspace": subspace_cosine(g_out), "cos_subspace_random": subspace_cosine(g_rand),
+            "agreement": float((predicted_up == actual_up).float().mean()),
+            "n_up": int(actual_up.sum()), "n_down": int((~actual_up).sum()),
+            "group_mean_cosine": group_cos, "loss_change_all": change.float().cpu().numpy()}
+
+
+# ----------------------------------------------------------------------------- 8. Plotting helpers
+
+def plot_loss_and_sharpness(history, lr, title="", spikes=None):
+    """Figure with the training loss (top, log scale) and the top Hessian eigenvalues (bottom)
+    against a dashed 2/lr line; `spikes` (steps) are marked on the loss. Returns the figure."""
+    import matplotlib.pyplot as plt
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+    top.plot(history["step"], history["loss"], lw=0.8, color="k")
+    if spikes is not None and len(spikes):
+        top.plot(spikes, np.asarray(history["loss"])[spikes], "r.", ms=3, label=f"{len(spikes)} spike steps")
+        top.legend(loc="upper right")
+    top.set_yscale("log")
+    top.set_ylabel("train loss")
+    top.set_title(title)
+    eigenvalues = np.asarray(history["eigenvalues"])
+    for j in range(eigenvalues.shape[1]):
+        bottom.plot(history["eig_step"], eigenvalues[:, j], lw=1.2 if j == 0 else 0.5,
+                    color="C0" if j == 0 else "C7", label="top eigenvalue" if j == 0 else None)
+    bottom.axhline(2 / lr, ls="--", color="C3", label=f"2/lr = {2 / lr:.0f}")
+    bottom.set_ylabel("sharpness")
+    bottom.set_xlabel("step")
+    bottom.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_image_grid(axes, images, titles):
+    """Show uint8 [n, H, W, 3] images on a flat list of axes with small titles; spare axes are blanked."""
+    for j, ax in enumerate(axes):
+        ax.axis("off")
+        if j < len(images):
+            ax.imshow(np.asarray(images[j]))
+            ax.set_title(titles[j], fontsize=6, pad=2)

@@ -1,0 +1,394 @@
+"""Tests for osig.py: every check is against an independent reference (dense Hessians of tiny models,
+explicit loops, numpy eigensolvers, finite differences, planted signals)."""
+
+import hashlib
+import inspect
+import io
+import math
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, hessian
+
+import osig
+
+torch.set_num_threads(2)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def flat_params(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+def dense_hessian(model, loss_fn, x, y):
+    """Reference: the full Hessian of the mean loss by torch.func.hessian over the flat parameters."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for p in model.parameters() if p.requires_grad]
+    sizes = [math.prod(s) for s in shapes]
+    buffers = dict(model.named_buffers())
+
+    def mean_loss(theta):
+        params = {n: t.view(s) for n, t, s in zip(names, torch.split(theta, sizes), shapes)}
+        return loss_fn(functional_call(model, (params, buffers), (x,)), y).mean()
+
+    return hessian(mean_loss)(flat_params(model))
+
+
+def tiny_models():
+    torch.manual_seed(0)
+    return {
+        "mlp": (osig.MLP(in_features=12, width=5, depth=2, num_classes=3, activation="tanh"), (7, 3, 2, 2)),
+        "cnn": (osig.SmallCNN(in_channels=3, channels=2, num_classes=3), (5, 3, 6, 6)),
+        "vit": (osig.ViT(num_classes=3, image_size=4, patch=2, dim=8, depth=1, heads=2, mlp_ratio=2), (5, 3, 4, 4)),
+    }
+
+
+def symmetric_matrix(eigenvalues, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((len(eigenvalues), len(eigenvalues))))
+    return (q * np.asarray(eigenvalues)) @ q.T
+
+
+# ----------------------------------------------------------------------------- curvature
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "vit"])
+@pytest.mark.parametrize("loss_fn", [osig.mse_loss, osig.cross_entropy_loss])
+def test_hvp_matches_dense_hessian_float64_any_chunk(name, loss_fn):
+    model, shape = tiny_models()[name]
+    model.double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = torch.randint(0, 3, (shape[0],))
+    H = dense_hessian(model, loss_fn, x, y)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    reference = H @ v
+    for chunk in (None, 1, 2, shape[0]):
+        result = osig.hvp(model, loss_fn, x, y, v, chunk=chunk)
+        assert torch.linalg.norm(result - reference) / torch.linalg.norm(reference) < 1e-10, chunk
+
+
+def test_hvp_matches_finite_differences_float32():
+    torch.manual_seed(1)
+    model = osig.MLP(in_features=12, width=16, depth=2, num_classes=3, activation="tanh")
+    x, y = torch.randn(20, 12), torch.randint(0, 3, (20,))
+    v = torch.randn(flat_params(model).numel())
+    v /= v.norm()
+    params = [p for p in model.parameters()]
+
+    def gradient_at(theta):
+        torch.nn.utils.vector_to_parameters(theta, params)
+        model.zero_grad()
+        osig.mse_loss(model(x), y).mean().backward()
+        return torch.cat([p.grad.reshape(-1) for p in params])
+
+    theta0, eps = flat_params(model), 1e-2
+    finite_difference = (gradient_at(theta0 + eps * v) - gradient_at(theta0 - eps * v)) / (2 * eps)
+    torch.nn.utils.vector_to_parameters(theta0, params)
+    result = osig.hvp(model, osig.mse_loss, x, y, v)
+    assert torch.linalg.norm(result - finite_difference) / torch.linalg.norm(finite_difference) < 1e-2
+
+
+def test_every_model_is_twice_differentiable_and_hvp_symmetric():
+    torch.manual_seed(0)
+    models = [osig.MLP(in_features=3 * 32 * 32, width=4, depth=1), osig.SmallCNN(channels=2),
+              osig.VGG11(width=2), osig.ResNet18(width=2, batch_norm=False),
+              osig.ResNet18(width=2, batch_norm=True).eval(),
+              osig.ViT(image_size=32, patch=8, dim=8, depth=1, heads=2)]
+    x, y = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2])
+    for model in models:
+        model.double()
+        dim = flat_params(model).numel()
+        u, v = torch.randn(dim, dtype=torch.float64), torch.randn(dim, dtype=torch.float64)
+        uHv = u @ osig.hvp(model, osig.cross_entropy_loss, x, y, v)
+        vHu = v @ osig.hvp(model, osig.cross_entropy_loss, x, y, u)
+        assert torch.isfinite(uHv) and abs(uHv - vHu) <= 1e-8 * max(1.0, abs(float(uHv))), type(model).__name__
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_sharpness_leaves_batchnorm_buffers_and_mode_unchanged(training):
+    torch.manual_seed(0)
+    model = osig.ResNet18(width=2, batch_norm=True)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    model.train()
+    model(x)  # move running statistics away from their initial values
+    model.train(training)
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    osig.top_eigenvalues(model, osig.cross_entropy_loss, x, y, k=2, iters=10)
+    osig.top_eigenvalues(model, osig.cross_entropy_loss, x, y, k=1, chunk=4, iters=5)
+    osig.hvp(model, osig.cross_entropy_loss, x, y, torch.randn(flat_params(model).numel()), chunk=3)
+    osig.per_example_losses(model, osig.cross_entropy_loss, x, y)
+    assert model.training == training
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name]), name
+
+
+@pytest.mark.parametrize("spectrum", ["separated", "clustered"])
+def test_lanczos_matches_eigvalsh(spectrum):
+    rng = np.random.default_rng(3)
+    rest = rng.uniform(-5, 5, 297)
+    top = [10.0, 8.0, 6.5] if spectrum == "separated" else [10.0, 10.0 - 1e-3, 10.0 - 2e-3]
+    A = symmetric_matrix(np.concatenate([top, rest]), seed=4)
+    reference = np.sort(np.linalg.eigvalsh(A))[::-1][:3]
+    At = torch.from_numpy(A)
+    eigenvalues, eigenvectors, residuals = osig.lanczos(lambda v: At @ v, 300, k=3, iters=300, tol=1e-12)
+    assert np.max(np.abs(eigenvalues.numpy() - reference) / np.abs(reference)) < 1e-8
+    # eigenvectors are unit, orthogonal, and their true residuals match the reported Ritz residuals
+    assert torch.allclose(eigenvectors.T @ eigenvectors, torch.eye(3, dtype=torch.float64), atol=1e-8)
+    true_residuals = torch.linalg.norm(At @ eigenvectors - eigenvectors * eigenvalues, dim=0)
+    assert torch.all(true_residuals < 1e-8 * 10)
+
+
+def test_lanczos_handles_breakdown_and_warm_start():
+    A = torch.from_numpy(symmetric_matrix([5.0, 3.0, 1.0, -2.0], seed=1))
+    exact_eigenvector = torch.from_numpy(np.linalg.eigh(A.numpy())[1][:, 1])   # eigenvalue 1.0
+    eigenvalues, _, _ = osig.lanczos(lambda v: A @ v, 4, k=2, iters=10, tol=1e-12, v0=exact_eigenvector)
+    assert np.allclose(eigenvalues.numpy(), [5.0, 3.0], atol=1e-10)
+
+
+def test_lanczos_on_network_hessian():
+    model, shape = tiny_models()["mlp"]
+    model.double()
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
+    H = dense_hessian(model, osig.mse_loss, x, y)
+    reference = np.sort(np.linalg.eigvalsh(H.numpy()))[::-1][:3]
+    eigenvalues, _, _ = osig.top_eigenvalues(model, osig.mse_loss, x, y, k=3, iters=200, tol=1e-10)
+    assert np.max(np.abs(eigenvalues.numpy() - reference) / np.abs(reference)) < 1e-6
+    chunked, _, _ = osig.top_eigenvalues(model, osig.mse_loss, x, y, k=3, chunk=2, iters=200, tol=1e-10)
+    assert np.max(np.abs(chunked.numpy() - reference) / np.abs(reference)) < 1e-6
+
+
+def test_power_iteration_converges_only_when_separated():
+    rng = np.random.default_rng(0)
+    rest = rng.uniform(-1, 1, 98)
+    separated = torch.from_numpy(symmetric_matrix(np.concatenate([[10.0, 5.0], rest])))
+    value, vector, converged, used = osig.power_iteration(lambda v: separated @ v, 100, iters=500, tol=1e-8)
+    assert converged and abs(value - 10.0) < 1e-8 and used < 100
+    close = torch.from_numpy(symmetric_matrix(np.concatenate([[10.0, 9.999], rest])))
+    value, vector, converged, used = osig.power_iteration(lambda v: close @ v, 100, iters=300, tol=1e-8)
+    assert not converged and used == 300
+
+
+# ----------------------------------------------------------------------------- per-example statistics
+
+def test_per_example_grads_match_explicit_loop():
+    model, shape = tiny_models()["cnn"]
+    model.double()
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
+    grads = osig.per_example_grads(model, osig.cross_entropy_loss, x, y, chunk=2)
+    for i in range(len(x)):
+        model.zero_grad()
+        osig.cross_entropy_loss(model(x[i:i + 1]), y[i:i + 1]).sum().backward()
+        reference = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        assert torch.linalg.norm(grads[i] - reference) / torch.linalg.norm(reference) < 1e-10
+    directions = torch.randn(grads.shape[1], 2, dtype=torch.float64)
+    projections = osig.per_example_directional_derivatives(model, osig.cross_entropy_loss, x, y, directions, chunk=3)
+    assert torch.allclose(projections, grads @ directions, rtol=1e-10, atol=1e-12)
+    losses = osig.per_example_losses(model, osig.cross_entropy_loss, x, y, chunk=2)
+    assert torch.allclose(losses, F.cross_entropy(model(x), y, reduction="none"))
+
+
+def test_per_example_grads_refuse_batchnorm_in_train_mode():
+    model = osig.ResNet18(width=2, batch_norm=True)
+    with pytest.raises(ValueError, match="eval"):
+        osig.per_example_grads(model, osig.mse_loss, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+
+
+# ----------------------------------------------------------------------------- training
+
+def small_problem(dtype=torch.float64):
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 3, 2, 2, dtype=dtype), torch.randint(0, 3, (24,))
+    model = osig.MLP(in_features=12, width=8, depth=2, num_classes=3).to(dtype)
+    return model, x, y
+
+
+def test_chunked_gd_step_equals_unchunked():
+    model, x, y = small_problem()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    whole = osig.train(model, x, y, osig.mse_loss, optimizer="gd", lr=0.1, steps=3, eig_every=0, log_every=0)
+    after_whole = flat_params(model)
+    model.load_state_dict(state)
+    chunked = osig.train(model, x, y, osig.mse_loss, optimizer="gd", lr=0.1, steps=3, chunk=5, eig_every=0, log_every=0)
+    assert torch.allclose(flat_params(model), after_whole, rtol=0, atol=1e-13)
+    assert np.allclose(whole["per_example_loss"], chunked["per_example_loss"], rtol=0, atol=1e-6)
+    # and the first step is exactly theta - lr * (reference gradient of the mean loss)
+    model.load_state_dict(state)
+    model.zero_grad()
+    osig.mse_loss(model(x), y).mean().backward()
+    expected = flat_params(model) - 0.1 * torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    osig.train(model, x, y, osig.mse_loss, optimizer="gd", lr=0.1, steps=1, chunk=7, eig_every=0, log_every=0)
+    assert torch.allclose(flat_params(model), expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "sgd", "adam"])
+def test_seeded_runs_are_identical(optimizer):
+    runs = []
+    for _ in range(2):
+        model, x, y = small_problem(torch.float32)
+        runs.append(osig.train(model, x, y, osig.cross_entropy_loss, optimizer=optimizer, lr=0.05, steps=12,
+                               batch_size=8, eig_every=5, record_every=4, probes=x[:2], log_every=0, seed=3))
+    for key in ("loss", "per_example_loss", "eigenvalues", "probe_output"):
+        assert np.array_equal(runs[0][key], runs[1][key]), key
+    assert runs[0]["per_example_loss"].shape == (3, 24) and list(runs[0]["record_step"]) == [0, 4, 8]
+    assert runs[0]["eigenvalues"].shape == (3, 1)
+
+
+def test_gd_records_sharpness_matching_dense_hessian_and_callback():
+    model, x, y = small_problem()
+    seen = []
+    history = osig.train(model, x, y, osig.mse_loss, lr=0.1, steps=1, eig_every=1, eig_k=2, eig_iters=200,
+                         log_every=0, callback=lambda step, m, values, vectors: seen.append(vectors.shape) or step)
+    # train's eigenvalues were measured at the initial parameters: recompute there
+    model2, _, _ = small_problem()
+    reference = np.sort(np.linalg.eigvalsh(dense_hessian(model2, osig.mse_loss, x, y).numpy()))[::-1][:2]
+    assert np.allclose(history["eigenvalues"][0], reference, rtol=1e-6)
+    assert history["callback"] == [0] and seen[0][1] == 2
+
+
+def test_divergence_stops_with_message_and_keeps_history():
+    model, x, y = small_problem(torch.float32)
+    logged = []
+    history = osig.train(model, x * 100, y, osig.mse_loss, lr=50.0, steps=200, eig_every=0, log_every=0,
+                         log=logged.append)
+    assert history["diverged"] is not None and "lower lr" in history["diverged"]
+    stopped = len(history["loss"])
+    assert 1 < stopped < 200 and not np.isfinite(history["loss"][-1]) and np.isfinite(history["loss"][0])
+    assert history["per_example_loss"].shape[0] == stopped and logged
+
+
+def test_train_rejects_unknown_optimizer():
+    model, x, y = small_problem()
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        osig.train(model, x, y, osig.mse_loss, optimizer="rmsprop")
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_planted_images_and_normalization():
+    images, labels, planted = osig.make_planted_images(n=500, planted_classes=(0, 2), planted_fraction=0.1, seed=1)
+    assert images.dtype == torch.uint8 and images.shape == (500, 32, 32, 3)
+    assert torch.equal(torch.bincount(labels), torch.full((10,), 50))
+    assert set(labels[planted == 1].tolist()) == {0} and set(labels[planted == 2].tolist()) == {2}
+    assert (planted == 1).sum() == 5 and (planted == 2).sum() == 5
+    # the planted background is blue-dominant and much further from the mean image than the rest
+    corner = images[:, 0, 0, :].float()
+    assert torch.all(corner[planted > 0, 2] > corner[planted > 0, 0] + 100)
+    x, mean, std = osig.normalize(images)
+    assert x.shape == (500, 3, 32, 32)
+    assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-4)
+    again, _, _ = osig.normalize(images[:3], mean, std)
+    assert torch.allclose(again, x[:3])
+
+
+def test_seeded_subsets_are_nested_and_validated():
+    small, large = osig.seeded_subset(1000, 10, seed=5), osig.seeded_subset(1000, 100, seed=5)
+    assert torch.equal(small, large[:10]) and len(set(large.tolist())) == 100
+    with pytest.raises(ValueError):
+        osig.seeded_subset(10, 11)
+
+
+def write_fake_cifar(folder, seed=0):
+    """A structurally valid cifar-10-batches-py/ folder: official keys, dtypes and shapes."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, 10000).tolist()
+        data = np.zeros((10000, 3072), np.uint8)
+        data[:, 0] = labels      # first red pixel encodes the label, to check the HWC layout
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in osig.CIFAR10_CLASSES]}, f)
+
+
+def test_cifar_loader_from_archive_with_md5(tmp_path, monkeypatch):
+    write_fake_cifar(tmp_path / "build" / "cifar-10-batches-py")
+    root = tmp_path / "root"
+    root.mkdir()
+    archive = root / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+        tar.add(tmp_path / "build" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setattr(osig, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setenv("OSIG_DATA", str(root))
+    images, labels = osig.load_cifar10(train=True, download=False)
+    assert images.shape == (50000, 32, 32, 3) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+    assert torch.equal(images[:, 0, 0, 0].long(), labels)
+    test_images, test_labels = osig.load_cifar10(train=False, download=False)
+    assert test_images.shape == (10000, 32, 32, 3)
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+def test_cifar_loader_errors(tmp_path, monkeypatch):
+    monkeypatch.delenv("OSIG_DATA", raising=False)
+    with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz"):
+        osig.load_cifar10(tmp_path / "empty", download=False)
+    monkeypatch.setattr(osig, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    with pytest.raises(FileNotFoundError, match="download failed"):
+        osig.load_cifar10(tmp_path / "offline", download=True)
+    assert not list((tmp_path / "offline").iterdir())          # no partial archive left behind
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "cifar-10-python.tar.gz").write_bytes(b"not an archive")
+    with pytest.raises(ValueError, match="md5"):
+        osig.load_cifar10(bad)
+    broken = tmp_path / "broken"
+    write_fake_cifar(broken / "cifar-10-batches-py")
+    (broken / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="data_batch_3"):
+        osig.load_cifar10(broken)
+
+
+@pytest.mark.skipif(not os.environ.get("OSIG_DATA"), reason="set OSIG_DATA to a CIFAR-10 folder to check real data")
+def test_real_cifar10():
+    images, labels = osig.load_cifar10(train=True, download=False)
+    assert images.shape == (50000, 32, 32, 3)
+    assert torch.equal(torch.bincount(labels), torch.full((10,), 5000))
+    test_images, test_labels = osig.load_cifar10(train=False, download=False)
+    assert test_images.shape == (10000, 32, 32, 3)
+    assert torch.equal(torch.bincount(test_labels), torch.full((10,), 1000))
+    # real images: per-channel means in the published range and not constant
+    mean = images[:5000].float().mean(dim=(0, 1, 2)) / 255
+    assert torch.all((mean > 0.4) & (mean < 0.55)) and images[:100].float().std() > 30
+
+
+# ----------------------------------------------------------------------------- copy-paste contract
+
+def test_public_functions_work_when_pasted_alone():
+    """Each listed function, exec'd alone with the module's imports, reproduces the module's result."""
+    header = ("import hashlib, math, os, pickle, tarfile, tempfile, time, urllib.request\n"
+              "from pathlib import Path\nimport numpy as np\nimport torch\nimport torch.nn as nn\n"
+              "import torch.nn.functional as F\n")
+    names = ["mse_loss", "cross_entropy_loss", "hvp", "lanczos", "power_iteration", "per_example_losses",
+             "per_example_grads", "per_example_directional_derivatives", "normalize", "seeded_subset",
+             "make_planted_images"]
+    model, x, y = small_problem()
+    v = torch.randn(flat_params(model).numel(), dtype=torch.float64)
+    A = torch.from_numpy(symmetric_matrix([3.0, 2.0, 1.0, 0.5]))
+    for name in names:
+        namespace = {}
+        exec(header + inspect.getsource(getattr(osig, name)), namespace)
+        pasted = namespace[name]
+        if name.endswith("loss"):
+            assert torch.equal(pasted(x.flatten(1)[:, :3], y), getattr(osig, name)(x.flatten(1)[:, :3], y))
+        elif name == "hvp":
+            assert torch.equal(pasted(model, osig.mse_loss, x, y, v), osig.hvp(model, osig.mse_loss, x, y, v))
+        elif name in ("lanczos", "power_iteration"):
+            assert abs(float(pasted(lambda u: A @ u, 4)[0][0] if name == "lanczos"
+                             else pasted(lambda u: A @ u, 4)[0]) - 3.0) < 1e-5
+        elif name == "per_example_directional_derivatives":
+            assert pasted(model, osig.mse_loss, x, y, v[:, None]).shape == (24, 1)
+        elif name.startswith("per_example"):
+            assert pasted(model, osig.mse_loss, x, y).shape[0] == 24
+        elif name == "normalize":
+            assert pasted(torch.zeros(2, 4, 4, 3, dtype=torch.uint8), [0.5] * 3, [0.25] * 3)[0].shape == (2, 3, 4, 4)
+        elif name == "seeded_subset":
+            assert torch.equal(pasted(50, 5, seed=2), osig.seeded_subset(50, 5, seed=2))
+        else:
+            assert torch.equal(pasted(n=40)[0], osig.make_planted_images(n=40)[0])
