@@ -146,12 +146,12 @@ def seeded_subset(n_total, n, seed=0):
 
 
 def make_planted_images(n=1000, num_classes=10, image_size=32, planted_classes=(0, 2),
-                        planted_fraction=0.08, seed=0):
+                        planted_fraction=0.25, signal=5.0, noise=60.0, seed=0):
     """Synthetic images with a planted pair of opposing signals.
 
     Each class c has a fixed random smooth pattern T_c (the genuine, class-specific signal); an
-    image of class c is  128 + 40·T_c + 25·noise  per pixel and channel (i.i.d. Gaussian noise,
-    clipped to uint8). The opposing signal: a fraction `planted_fraction` of the images of each
+    image of class c is  128 + signal·T_c + noise·z  per pixel and channel (z i.i.d. Gaussian,
+    clipped to uint8); a weaker signal makes the classes harder to fit, as in real images. The opposing signal: a fraction `planted_fraction` of the images of each
     of the two `planted_classes` get a large uniform sky-blue background (RGB 80, 150, 255) outside
     a centred square of half the image size. The background carries no label information by
     itself (it appears equally on both classes), is large in pixel norm and is rare: exactly the
@@ -166,8 +166,8 @@ def make_planted_images(n=1000, num_classes=10, image_size=32, planted_classes=(
     templates = templates / templates.flatten(1).std(dim=1).view(-1, 1, 1, 1)
     labels = torch.arange(n) % num_classes
     labels = labels[torch.randperm(n, generator=generator)]
-    noise = torch.randn(n, 3, image_size, image_size, generator=generator)
-    images = 128 + 40 * templates[labels] + 25 * noise
+    z = torch.randn(n, 3, image_size, image_size, generator=generator)
+    images = 128 + signal * templates[labels] + noise * z
     planted = torch.zeros(n, dtype=torch.int64)
     for group, cls in enumerate(planted_classes, start=1):
         members = torch.nonzero(labels == cls).flatten()
@@ -176,7 +176,7 @@ def make_planted_images(n=1000, num_classes=10, image_size=32, planted_classes=(
     quarter = image_size // 4
     border[quarter:image_size - quarter, quarter:image_size - quarter] = False
     sky = torch.tensor([80.0, 150.0, 255.0]).view(3, 1, 1)
-    sky_images = torch.where(border, sky + 10 * noise[planted > 0], images[planted > 0])
+    sky_images = torch.where(border, sky + 10 * z[planted > 0], images[planted > 0])
     images[planted > 0] = sky_images
     images = images.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return images, labels.to(torch.int64), planted
@@ -760,7 +760,7 @@ def opposing_groups(model, loss_fn, x, y, lr, eigenvectors, top=30, seed=0):
     """Find the examples that move most in one GD step and split them into the two opposing groups.
 
     At parameters θ (the model as given), with the gradient g = ∇L(θ) of the mean loss, the GD step
-    θ' = θ - lr·g is taken on a copy-free trial basis (parameters are restored afterwards) and
+    θ' = θ - lr·g is taken on trial (the parameters are restored exactly afterwards) and
     Δℓ_i = ℓ_i(θ') - ℓ_i(θ) measured for every example. The `top` examples by |Δℓ_i| are the
     outliers of this step; `top` random others are a control.
 
@@ -783,12 +783,13 @@ def opposing_groups(model, loss_fn, x, y, lr, eigenvectors, top=30, seed=0):
     with torch.no_grad():
         before = loss_fn(model(x), y)
     grads = torch.autograd.grad(loss_fn(model(x), y).mean(), params)
+    saved = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, g in zip(params, grads):
             p -= lr * g
         after = loss_fn(model(x), y)
-        for p, g in zip(params, grads):
-            p += lr * g
+        for p, s in zip(params, saved):
+            p.copy_(s)
     flat_grad = torch.cat([g.reshape(-1) for g in grads])
     change = (after - before).double()
     order = torch.argsort(change.abs(), descending=True)
