@@ -12,6 +12,10 @@ Read it top to bottom; every section only uses what came before it.
   4. Curvature       Hessian-vector products, hand-written Lanczos and power iteration, sharpness.
   5. Per-example     per-example losses, gradients (vmap) and directional derivatives (jvp).
   6. Training        full-batch GD, minibatch SGD with momentum and Adam, recording every step.
+  7. Outliers        loss spikes, edge of stability, heavy tails, opposing groups, the sky feature.
+  8. Linear model    a two-layer linear network with an opposing feature: sharpness in closed form.
+  9. Toy network     a small ReLU network on a rare, large input: the mechanism end to end.
+ 10. Plotting        small matplotlib helpers used by run_all.py.
 
 Conventions. A "loss_fn" maps (outputs [B, C], labels [B]) to per-example losses [B]; the training
 objective is their mean over the training set. Flat parameter vectors concatenate
@@ -588,7 +592,8 @@ def train(model, x, y, loss_fn, optimizer="gd", lr=0.01, steps=1000, batch_size=
                       examples per step drawn by a seeded reshuffle each epoch.
                "adam" Adam (torch.optim.Adam) on the same minibatches.
     Every step records, at the parameters θ_t before the update: the loss and accuracy (full
-    training set for gd, the minibatch for sgd/adam) and the outputs on `probes` [P, ...] if given.
+    training set for gd, the minibatch for sgd/adam; nan for a single-output regression model) and
+    the outputs on `probes` [P, ...] if given.
     Every `record_every` steps (default: every step) it records the per-example losses of all N
     training examples: for gd from the step's own forward pass (no extra pass), for sgd/adam by
     an extra forward pass over the whole set. Every `eig_every` steps: the top `eig_k` Hessian
@@ -625,9 +630,9 @@ def train(model, x, y, loss_fn, optimizer="gd", lr=0.01, steps=1000, batch_size=
                 example_losses = loss_fn(outputs, y[start:start + chunk])
                 (example_losses.sum() / n).backward()
                 losses.append(example_losses.detach())
-                correct += int((outputs.argmax(-1) == y[start:start + chunk]).sum())
+                correct += int((outputs.argmax(-1) == y[start:start + chunk]).sum()) if outputs.shape[-1] > 1 else 0
             losses = torch.cat(losses)
-            loss, accuracy = float(losses.mean()), correct / n
+            loss, accuracy = float(losses.mean()), correct / n if outputs.shape[-1] > 1 else float("nan")
             if step % record_every == 0:
                 record["record_step"].append(step)
                 record["per_example_loss"].append(losses.float().cpu())
@@ -642,7 +647,8 @@ def train(model, x, y, loss_fn, optimizer="gd", lr=0.01, steps=1000, batch_size=
             outputs = model(x[batch])
             batch_loss = loss_fn(outputs, y[batch]).mean()
             batch_loss.backward()
-            loss, accuracy = float(batch_loss), float((outputs.argmax(-1) == y[batch]).float().mean())
+            loss = float(batch_loss.detach())
+            accuracy = float((outputs.argmax(-1) == y[batch]).float().mean()) if outputs.shape[-1] > 1 else float("nan")
         record["step"].append(step)
         record["loss"].append(loss)
         record["accuracy"].append(accuracy)
@@ -819,7 +825,294 @@ def opposing_groups(model, loss_fn, x, y, lr, eigenvectors, top=30, seed=0):
             "group_mean_cosine": group_cos, "loss_change_all": change.float().cpu().numpy()}
 
 
-# ----------------------------------------------------------------------------- 8. Plotting helpers
+# ----------------------------------------------------------------------------- 8. Two-layer linear model of opposing signals
+#
+# OUR RECONSTRUCTION. The paper analyses a two-layer linear network on "a simple model of opposing
+# signals"; its text is not available to us, so the model, the data and the derivation below are
+# built from first principles and checked against simulation (run_all.py --only linear).
+#
+# Model and loss. f(x) = bᵀA x with A [h, d], b [h]; w = Aᵀb [d] is the end-to-end linear map.
+# L = (1/N) Σ_i ½ (f(x_i) − y_i)², residual r_i = f(x_i) − y_i, Σ = (1/N) Σ_i x_i x_iᵀ,
+# g = ∇_w L = (1/N) Σ_i r_i x_i.
+#
+# Hessian. Along a parameter direction (Ȧ, ḃ) the output moves by ḟ_i = ẇᵀx_i with ẇ = Ȧᵀb + Aᵀḃ, and
+# f̈_i = 2 ḃᵀȦ x_i, so
+#     (Ȧ, ḃ)ᵀ H (Ȧ, ḃ) = ẇᵀ Σ ẇ  +  2 ḃᵀȦ g            (Gauss-Newton term + residual term).
+# The residual term has eigenvalues ±|g| (|2 ḃᵀȦg| <= |g| (|Ȧ|² + |ḃ|²)), so it vanishes where the fit
+# is stationary. The Gauss-Newton term is J_wᵀ Σ J_w with J_w: (Ȧ, ḃ) -> ẇ, and J_w J_wᵀ = |b|² I + AᵀA,
+# so its non-zero eigenvalues are those of Σ^½ (|b|² I + AᵀA) Σ^½ (the neural tangent kernel of a
+# two-layer linear net, seen through the data).
+#
+# Data (make_opposing_signal_data). x = (x_o, x_g): by construction Σ = diag(p α², diag(scales²))
+# exactly, with p the fraction of examples that carry the opposing feature x_o = ±α. Take the
+# opposing direction θ_o = (b e_oᵀ, a)/√S with a = A e_o (the hidden weights that read x_o) and
+# S = |a|² + |b|². Then ẇ = (|b|² e_o + Aᵀa)/√S, whose x_o component is √S, and g_o = p α² w_o with
+# w_o = aᵀb the end-to-end weight on x_o ("the opposing weight"). Its Rayleigh quotient is
+#     θ_oᵀ H θ_o = p α² S  +  |Σ_g^½ A_gᵀ a|² / S  +  2 p α² w_o² / S.
+# The key step: x_o carries no signal (its best weight is 0) and its gradient ∇_a L = g_o b = p α² w_o b
+# only ever shrinks w_o, so |a| stays at its initial scale until an oscillation starts, and the last
+# two terms are small. When p α² exceeds the genuine features' scales, θ_o is the top eigenvector and
+#     sharpness ≈ p α² (|b|² + |A e_o|²) ≈ p α² |b|².
+# Depth makes this grow: under gradient flow d/dt (AAᵀ − bbᵀ) = 0 (Ȧ = −b gᵀ, ḃ = −A g), so from a
+# small init A ≈ b uᵀ with |u| = 1, hence w = |b|² u and |b|² = |w|: the sharpness grows linearly with
+# the learned genuine signal and ends at p α² |β| (progressive sharpening caused by depth acting on the
+# large feature, not by anything x_o itself does).
+#
+# Edge of stability. Where the genuine part is fit (∇_{w_g} L = 0) one GD step with step size η moves
+# only the opposing block, a -> a − η g_o b and b -> b − η g_o a, and exactly
+#     w_o -> (1 − η λ + (η p α² w_o)²) w_o,     S -> S − η p α² w_o² (4 − η λ),     λ = p α² S.
+# Once λ > 2/η the opposing weight flips sign every step and grows by |1 − η λ| per step; the two groups
+# s = ±1 see the output shifted by ±α w_o, so their losses alternate (for this data L+ − L− = −2 α
+# offset w_o exactly). And for 2 < η λ < 4 the oscillation itself shrinks S by an amount ∝ w_o², so the
+# sharpness falls back towards 2/η (self-stabilization) instead of diverging.
+
+
+def make_opposing_signal_data(n_pairs=200, n_plain=800, alpha=7.0, scales=(1.0, 0.7, 0.5, 0.35, 0.25),
+                              beta=None, offset=0.5, seed=0, dtype=torch.float64):
+    """Regression data with one large, rare feature that opposes itself across two groups.
+
+    OUR RECONSTRUCTION of the paper's "simple model of opposing signals". x = (x_o, x_g) [N, 1 + k].
+    Genuine features x_g [k]: Gaussian, then centred and whitened so that their empirical second
+    moment is exactly diag(scales²), separately on the signal-bearing and the plain examples
+    (so the identities below hold exactly over the data, not only in expectation); different
+    scales make a linear network learn them one after another, largest first.
+    Opposing feature x_o = α s: each of the n_pairs signal-bearing x_g appears twice, with s = +1 and
+    with s = −1; the n_plain other examples have s = 0. Hence, averaged over the N = 2 n_pairs + n_plain
+    examples, E[x_o] = 0, E[x_o x_g] = 0, E[x_o y] = 0 and E[x_o²] = p α² with p = 2 n_pairs / N: x_o
+    carries no information about y (its best linear weight is 0), is large (α above every scale) and
+    rare (p < 1).
+    Target y = βᵀx_g + offset·|s| (β all ones by default). The offset is shared by both groups and
+    depends on |x_o| only, so no linear function of x fits it (x has mean zero): a linear model's
+    residual on the signal-bearing examples keeps the sign of −offset, which is what makes a weight
+    on x_o help one group and hurt the other (their loss difference is exactly −2 α offset w_o for the
+    two-layer linear model). It changes neither ∇_w L nor the Hessian, only the loss. A ReLU network
+    can fit it by computing |x_o| (section 9).
+
+    Returns x [N, 1 + k], y [N] (dtype), sign [N] int64 in {+1, −1, 0}; rows ordered +1 group, −1 group, plain.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.as_tensor(scales, dtype=torch.float64)
+    beta = torch.ones(len(scales), dtype=torch.float64) if beta is None else torch.as_tensor(beta, dtype=torch.float64)
+
+    def whitened(n):
+        # exact zero mean and identity second moment, then the requested scales
+        z = torch.randn(n, len(scales), generator=generator, dtype=torch.float64)
+        z = z - z.mean(0)
+        cholesky = torch.linalg.cholesky(z.T @ z / n)
+        return torch.linalg.solve_triangular(cholesky, z.T, upper=False).T * scales
+
+    signal_features, plain_features = whitened(n_pairs), whitened(n_plain)
+    genuine = torch.cat([signal_features, signal_features, plain_features])
+    sign = torch.cat([torch.ones(n_pairs), -torch.ones(n_pairs), torch.zeros(n_plain)]).to(torch.int64)
+    x = torch.cat([alpha * sign[:, None].to(torch.float64), genuine], dim=1)
+    y = genuine @ beta + offset * sign.abs().to(torch.float64)
+    return x.to(dtype), y.to(dtype), sign
+
+
+class TwoLayerLinear(nn.Module):
+    """f(x) = bᵀ A x, A [width, in_features], b [width]; forward returns [B, 1] (one output column).
+
+    Both factors start i.i.d. N(0, init_scale²) (seeded): small and nearly balanced (AAᵀ ≈ bbᵀ up to
+    O(init_scale²)), the regime in which a deep linear net learns its target's directions one at a time.
+    """
+
+    def __init__(self, in_features, width=10, init_scale=0.01, seed=0, dtype=torch.float64):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.A = nn.Parameter(init_scale * torch.randn(width, in_features, generator=generator, dtype=dtype))
+        self.b = nn.Parameter(init_scale * torch.randn(width, generator=generator, dtype=dtype))
+
+    def forward(self, x):
+        return (x @ self.A.T @ self.b).unsqueeze(-1)
+
+
+def regression_loss(outputs, targets):
+    """Per-example squared error of a scalar output: ½ (outputs[i, 0] − targets[i])². [B, 1], [B] -> [B]."""
+    return 0.5 * (outputs[:, 0] - targets).pow(2)
+
+
+def opposing_weight(model, feature=0):
+    """The end-to-end weight of a TwoLayerLinear on input `feature`: w_o = (A e_o)·b (a float)."""
+    with torch.no_grad():
+        return float(model.A[:, feature] @ model.b)
+
+
+def predicted_sharpness(model, signal_moment, feature=0):
+    """Our prediction of the top Hessian eigenvalue of a TwoLayerLinear: E[x_o²] (|A e_o|² + |b|²).
+
+    signal_moment = E[x_o²] over the training set (p α² for make_opposing_signal_data). This is the
+    Gauss-Newton curvature along the opposing direction θ_o = (b e_oᵀ, A e_o) (derivation at the top of
+    this section, OUR RECONSTRUCTION); it is the sharpness when E[x_o²] dominates the genuine features'
+    second moments and the residual term (norm |∇_w L|) is smaller than it. Returns a float.
+    """
+    with torch.no_grad():
+        a, b = model.A[:, feature], model.b
+        return float(signal_moment * (a @ a + b @ b))
+
+
+def opposing_rayleigh_quotient(model, x, y, feature=0):
+    """Exact curvature of the mean squared error of a TwoLayerLinear along the opposing direction θ_o.
+
+    θ_o = (b e_oᵀ, A e_o)/√S, S = |A e_o|² + |b|² (unit norm). With Σ = xᵀx/N, g = xᵀr/N (r = f(x) − y)
+    and ẇ = (|b|² e_o + Aᵀ A e_o)/√S:  θ_oᵀ H θ_o = ẇᵀ Σ ẇ + 2 w_o g_o / S, the Gauss-Newton and residual
+    terms of section 8's derivation with nothing dropped (for make_opposing_signal_data it equals
+    p α² S + |Σ_g^½ A_gᵀa|²/S + 2 p α² w_o²/S). A lower bound on the sharpness (Courant-Fischer) that
+    is tight when θ_o is the top eigenvector. x [N, d], y [N]. Returns a float.
+    """
+    with torch.no_grad():
+        a, b = model.A[:, feature], model.b
+        norm_sq = a @ a + b @ b
+        w_dot = (model.A.T @ a) / norm_sq.sqrt()
+        w_dot[feature] += (b @ b) / norm_sq.sqrt()
+        residual = model(x)[:, 0] - y
+        gradient = residual @ x / len(x)
+        second_moment = x.T @ x / len(x)
+        return float(w_dot @ second_moment @ w_dot + 2 * (a @ b) * gradient[feature] / norm_sq)
+
+
+def sign_change_fraction(values):
+    """Fraction of consecutive pairs (t, t+1) whose signs differ: mean over t of [v_t v_{t+1} < 0].
+
+    values [T] -> float in [0, 1] (nan for T < 2). 1 for a period-2 oscillation around zero.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.mean(values[1:] * values[:-1] < 0)) if len(values) > 1 else float("nan")
+
+
+def period_two_fraction(values):
+    """Fraction of consecutive triples that alternate in sign: mean over t of [v_t v_{t+1} < 0 and v_{t+1} v_{t+2} < 0].
+
+    Unlike a single sign change (a slow drift through zero also makes one), two in a row is the
+    signature of the period-2 oscillation of gradient descent along a direction with η λ > 1.
+    values [T] -> float in [0, 1] (nan for T < 3).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 3:
+        return float("nan")
+    flips = values[1:] * values[:-1] < 0
+    return float(np.mean(flips[1:] & flips[:-1]))
+
+
+def oscillation_episode(group_loss_plus, group_loss_minus, sharpness, threshold, rel_gap=0.1):
+    """Steps of an edge-of-stability episode in which the two opposing groups' losses visibly split.
+
+    A step t belongs to it when t is at or after the first step with sharpness[t] > threshold (2/lr)
+    and |L+ − L−| >= rel_gap · (L+ + L−)/2, i.e. the opposing weight moves the two groups' mean losses
+    apart by at least rel_gap (10%) of their average. All arrays [T] (per step). Returns a bool mask [T]
+    (all False if the sharpness never crosses the threshold).
+    """
+    plus, minus, sharpness = (np.asarray(v, dtype=np.float64) for v in (group_loss_plus, group_loss_minus, sharpness))
+    crossed = np.nonzero(sharpness > threshold)[0]
+    mask = np.zeros(len(plus), dtype=bool)
+    if len(crossed):
+        gap = np.abs(plus - minus) >= rel_gap * (plus + minus) / 2
+        mask[crossed[0]:] = gap[crossed[0]:]
+    return mask
+
+
+def consecutive_sign_changes(values, mask):
+    """Among consecutive steps (t, t+1) both inside `mask`, the fraction where values changes sign.
+
+    values, mask [T]. Returns (fraction float, number of pairs int); fraction is nan with no pairs.
+    """
+    values, mask = np.asarray(values, dtype=np.float64), np.asarray(mask, dtype=bool)
+    pairs = mask[1:] & mask[:-1]
+    if not pairs.any():
+        return float("nan"), 0
+    return float(np.mean((values[1:] * values[:-1] < 0)[pairs])), int(pairs.sum())
+
+
+# ----------------------------------------------------------------------------- 9. Toy network
+#
+# OUR RECONSTRUCTION of the paper's toy example. The data are those of section 8: a rare coordinate
+# x_0 = ±α on a fraction p of the examples, no information about y in its sign, and a target offset
+# that depends on |x_0| only. A one-hidden-layer ReLU network f(x) = vᵀ relu(U x + c) + c_2 trained by
+# full-batch GD on the squared error starts with every ReLU active on both signs of x_0 (small U,
+# positive c), i.e. linear in x_0, and can only use x_0 through its odd part f(α e_0) − f(−α e_0)
+# until some units are gated off for one sign. Along the x_0 column of U the Gauss-Newton curvature is
+#     δuᵀ M δu,   M_jk = (1/N) Σ_i x_{i,0}² v_j v_k 1[unit j active on x_i] 1[unit k active on x_i],
+# which for units active on all outliers is M = p α² v vᵀ: the linear model's p α² |b|² with b the
+# output weights. So the same depth effect sharpens the network as it learns the genuine features, and
+# at 2/lr the odd part, i.e. the network's output on a pure-x_0 probe, oscillates with period 2.
+
+
+def make_toy_network(in_features, width=16, weight_scale=0.05, output_scale=0.1, hidden_bias=0.7, seed=0,
+                     dtype=torch.float64):
+    """A one-hidden-layer ReLU MLP (osig.MLP, depth 1, one output) that starts linear in the opposing input.
+
+    PyTorch's default init, then: first-layer weights times weight_scale, output weights times
+    output_scale (a small init, so the network learns its features progressively), hidden biases set
+    to hidden_bias > 0 and output bias 0. With weight_scale·α well below hidden_bias every unit is
+    active on both signs of x_0 at init. Needs `MLP`.
+    """
+    torch.manual_seed(seed)
+    model = MLP(in_features=in_features, width=width, depth=1, num_classes=1).to(dtype)
+    hidden, output = model.net[1], model.net[3]
+    with torch.no_grad():
+        hidden.weight.mul_(weight_scale)
+        hidden.bias.fill_(hidden_bias)
+        output.weight.mul_(output_scale)
+        output.bias.zero_()
+    return model
+
+
+def opposing_probes(alpha, in_features, points=41, span=2.0, dtype=torch.float64):
+    """Pure-x_0 probe inputs: x_0 on a grid of `points` values in [−span α, span α], all other inputs 0.
+
+    With the defaults (41 points, span 2) the grid steps by α/10, so −α, 0 and α lie on it exactly.
+    Returns probes [points, in_features] and the grid [points].
+    """
+    grid = alpha * torch.linspace(-span, span, points, dtype=dtype)
+    probes = torch.zeros(points, in_features, dtype=dtype)
+    probes[:, 0] = grid
+    return probes, grid
+
+
+def odd_even_parts(probe_outputs, grid, alpha):
+    """Split the network's use of x_0 into its linear (odd) and |x_0| (even) parts, from probe outputs.
+
+    probe_outputs [T, P] (outputs on `opposing_probes` over T steps), grid [P]. With f± = f(±α e_0)
+    and f0 = f(0): odd = (f+ − f−)/2, the part of the output that flips with the sign of x_0 (α w_o for
+    the linear model), and even = (f+ + f−)/2 − f0, the part that depends on |x_0| only. The grid
+    points nearest to ±α and 0 are used. Returns (odd [T], even [T]) numpy float64.
+    """
+    outputs, grid = np.asarray(probe_outputs, dtype=np.float64), np.asarray(grid, dtype=np.float64)
+    plus, minus, zero = (int(np.argmin(np.abs(grid - value))) for value in (alpha, -alpha, 0.0))
+    return (outputs[:, plus] - outputs[:, minus]) / 2, (outputs[:, plus] + outputs[:, minus]) / 2 - outputs[:, zero]
+
+
+def opposing_curvature(model, x, feature=0):
+    """Top eigenvalue of M, the Gauss-Newton curvature of the first-layer column that reads x_feature.
+
+    For f(x) = vᵀ relu(U x + c) + c_2 (osig.MLP with depth 1 and one output, e.g. make_toy_network):
+    M_jk = (1/N) Σ_i x_{i,f}² v_j v_k 1_j(x_i) 1_k(x_i), 1_j(x) = [unit j is active on x]. Its top
+    eigenvalue is the curvature of the mean squared error along the best direction of U[:, f]; it
+    equals p α² |v|² when every unit is active on every outlier (the linear model's prediction with b = v),
+    and is smaller when units are gated off for one sign. OUR RECONSTRUCTION. Returns a float.
+    """
+    hidden, output = model.net[1], model.net[3]
+    with torch.no_grad():
+        active = (x @ hidden.weight.T + hidden.bias > 0).to(x.dtype)            # [N, width]
+        rows = x[:, feature:feature + 1] * active * output.weight[0]             # [N, width]: ∂f/∂U[j, f]
+        return float(torch.linalg.eigvalsh(rows.T @ rows / len(x))[-1])
+
+
+def group_gradients(model, loss_fn, x, y, groups):
+    """Each group's share of the full-batch gradient: g_k = ∇θ (Σ_{i in group k} loss_i) / N.
+
+    groups: list of bool masks [N]; the g_k of disjoint groups covering the data sum to ∇θ L. Returns
+    a list of flat gradient vectors [P] (parameters in module order), computed without touching .grad.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = loss_fn(model(x), y)
+    grads = []
+    for mask in groups:
+        parts = torch.autograd.grad(losses[mask].sum() / len(x), params, retain_graph=True, materialize_grads=True)
+        grads.append(torch.cat([part.reshape(-1) for part in parts]))
+    return grads
+
+
+# ----------------------------------------------------------------------------- 10. Plotting helpers
 
 def plot_loss_and_sharpness(history, lr, title="", spikes=None):
     """Figure with the training loss (top, log scale) and the top Hessian eigenvalues (bottom)
