@@ -878,6 +878,9 @@ def run_bench(out, device, log=print):
 
 def write_report(out, records, profile, device):
     """results/report.md: a summary table, then per experiment its figures, criteria and notes."""
+    def escape(text):  # a | inside a table cell would end the cell
+        return text.replace("|", "\\|")
+
     lines = ["# osig: measured reproduction report", "",
              f"Profile `{profile}` on `{device}`, torch {torch.__version__}, written "
              f"{time.strftime('%Y-%m-%d %H:%M')}. Each criterion is a statistic over the run, measured "
@@ -898,7 +901,7 @@ def write_report(out, records, profile, device):
             lines += [record["summary"], ""]
         lines += [f"![{figure}]({name}/{figure})" for figure in record["figures"]]
         lines += ["", "| criterion | measured | target | met |", "|---|---|---|---|"]
-        lines += [f"| {c['name']} | {c['value']:.4g} | {c['target']} | {'yes' if c['met'] else '**no**'} |"
+        lines += [f"| {escape(c['name'])} | {c['value']:.4g} | {escape(c['target'])} | {'yes' if c['met'] else '**no**'} |"
                   for c in record["criteria"]]
         lines += [""] + [f"- {note}" for note in record.get("notes", [])]
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
