@@ -11,11 +11,13 @@ Read it top to bottom; every section only uses what came before it.
   3. Losses          per-example MSE and cross-entropy.
   4. Curvature       Hessian-vector products, hand-written Lanczos and power iteration, sharpness.
   5. Per-example     per-example losses, gradients (vmap) and directional derivatives (jvp).
-  6. Training        full-batch GD, minibatch SGD with momentum and Adam, recording every step.
-  7. Outliers        loss spikes, edge of stability, heavy tails, opposing groups, the sky feature.
-  8. Linear model    a two-layer linear network with an opposing feature: sharpness in closed form.
-  9. Toy network     a small ReLU network on a rare, large input: the mechanism end to end.
- 10. Plotting        small matplotlib helpers used by run_all.py.
+  6. Optimizers      split-update SGD, Adam's preconditioner, preconditioned sharpness, thresholds.
+  7. Training        full-batch GD, SGD (momentum, clipping, split update) and Adam, recording every step.
+  8. Outliers        loss spikes, edge of stability, heavy tails, opposing groups, the sky feature.
+  9. Linear model    a two-layer linear network with an opposing feature: sharpness in closed form.
+ 10. Toy network     a small ReLU network on a rare, large input: the mechanism end to end.
+ 11. Adam vs SGD     where the sharp direction and the sign flips live; group oscillation amplitude.
+ 12. Plotting        small matplotlib helpers used by run_all.py.
 
 Conventions. A "loss_fn" maps (outputs [B, C], labels [B]) to per-example losses [B]; the training
 objective is their mean over the training set. Flat parameter vectors concatenate
@@ -578,49 +580,251 @@ def per_example_directional_derivatives(model, loss_fn, x, y, directions, chunk=
     return torch.stack(columns, dim=1)
 
 
-# ----------------------------------------------------------------------------- 6. Training
+# ----------------------------------------------------------------------------- 6. Optimizers and their stability
+#
+# Adam divides each coordinate's step by the running RMS of its gradient; plain SGD does not. What an
+# optimizer "sees" as sharpness is then the top eigenvalue of P^{-1/2} H P^{-1/2}, P its diagonal
+# preconditioner, to be compared with its own stability threshold. SplitSGD (OUR RECONSTRUCTION of the
+# paper's proposal) gives Adam's step only to the coordinates with the largest gradients.
+
+
+def top_quantile_mask(values, quantile):
+    """Boolean mask of the round(quantile · n) largest entries of `values` (any shape, n entries).
+
+    quantile 0 selects nothing and 1 everything; ties at the boundary are broken by torch.topk, so
+    exactly round(quantile · n) entries are selected. Returns bool, the shape of `values`.
+    """
+    count = int(round(quantile * values.numel()))
+    mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    if count >= values.numel():
+        mask[:] = True
+    elif count > 0:
+        mask[torch.topk(values.reshape(-1), count, sorted=False).indices] = True
+    return mask.view_as(values)
+
+
+class SplitSGD(torch.optim.Optimizer):
+    """SGD with momentum, except that the most "spiky" coordinates of each tensor take Adam's step.
+
+    OUR RECONSTRUCTION of the paper's split-update proposal (its exact rule is not available to us).
+    Per parameter tensor, with gradient g_t, at step t = 1, 2, ...:
+        b_t = μ b_{t-1} + g_t  (b_1 = g_1)                 heavy-ball buffer, as torch.optim.SGD
+        m_t = β1 m_{t-1} + (1 − β1) g_t,  v_t = β2 v_{t-1} + (1 − β2) g_t²   (m_0 = v_0 = 0), as Adam
+        N_t = the round(q · n) coordinates of the tensor with the largest v_t (`top_quantile_mask`)
+        θ ← θ − normalized_lr · m̂_t / (sqrt(v̂_t) + ε)   on N_t,   m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t)
+        θ ← θ − lr · b_t                                   elsewhere.
+    All three statistics are kept for every coordinate so that a coordinate can move between the two
+    sets. q = 0 is exactly torch.optim.SGD(lr, momentum=μ); q = 1 is Adam(normalized_lr, (β1, β2), ε).
+    A large running second moment marks the coordinates with large gradients; where those gradients keep
+    flipping sign (opposing signals), SGD's steps overshoot and Adam's normalization damps them.
+    """
+
+    def __init__(self, params, lr, normalized_lr=1e-3, quantile=0.1, momentum=0.9, betas=(0.9, 0.999), eps=1e-8):
+        if not 0.0 <= quantile <= 1.0:
+            raise ValueError(f"quantile {quantile} must be in [0, 1]")
+        super().__init__(params, dict(lr=lr, normalized_lr=normalized_lr, quantile=quantile, momentum=momentum,
+                                      betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter with a gradient (see the class docstring for the maths)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["momentum_buffer"] = g.clone()
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                state["step"] += 1
+                t = state["step"]
+                state["exp_avg"].lerp_(g, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                # the same operation order as torch.optim.Adam, so that q = 1 matches it to rounding
+                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+                normalized_step = state["exp_avg"] / denom * (group["normalized_lr"] / (1 - beta1 ** t))
+                state["normalized"] = top_quantile_mask(state["exp_avg_sq"], group["quantile"])
+                p.sub_(torch.where(state["normalized"], normalized_step, group["lr"] * state["momentum_buffer"]))
+        return loss
+
+    @torch.no_grad()
+    def preconditioner(self):
+        """Per-coordinate P, flat over all parameters in order, such that the update is ≈ lr · P^{-1} b.
+
+        Writing Adam's EMA momentum as a heavy-ball buffer (m = (1 − β1) b for a constant gradient,
+        and bias corrections → 1), the normalized coordinates move by
+        normalized_lr · (1 − β1) / (sqrt(v̂) + ε) · b, so relative to the SGD coordinates' lr · b
+        P = lr · (sqrt(v̂) + ε) / (normalized_lr · (1 − β1)) on the normalized set and 1 elsewhere, with
+        the set of the last step. Then λ_max(P^{-1/2} H P^{-1/2}) < (2 + 2μ) / lr is the quadratic
+        stability condition (exact for μ = β1). Returns None before the first step.
+        """
+        parts = []
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    return None
+                rms = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt() + group["eps"]
+                scaled = group["lr"] * rms / (group["normalized_lr"] * (1 - beta1))
+                parts.append(torch.where(state["normalized"], scaled, torch.ones_like(rms)).reshape(-1))
+        return torch.cat(parts)
+
+
+@torch.no_grad()
+def adam_preconditioner(optimizer):
+    """Adam's diagonal preconditioner P = sqrt(v̂) + ε, flat over the optimizer's parameters in order.
+
+    v̂ = v / (1 − β2^t) is the bias-corrected running second moment of the gradient held by
+    torch.optim.Adam after its t-th step (Cohen et al., 2022 use the same bias-corrected P). Adam's
+    update is lr · m̂ / P, and its stability condition on a quadratic is
+    λ_max(P^{-1/2} H P^{-1/2}) < (2 + 2β1) / ((1 − β1) lr). Returns [P] or None before the first step.
+    """
+    parts = []
+    for group in optimizer.param_groups:
+        _, beta2 = group["betas"]
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:
+                return None
+            parts.append(((state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))).sqrt() + group["eps"]).reshape(-1))
+    return torch.cat(parts)
+
+
+def stability_threshold(optimizer, lr, momentum=0.9, betas=(0.9, 0.999)):
+    """The sharpness above which an optimizer's update is unstable on a quadratic (Cohen et al., 2021, 2022).
+
+    On a quadratic with curvature λ along an eigenvector:
+      'gd'                 θ ← θ − lr λ θ oscillates with growing amplitude iff λ > 2 / lr.
+      'sgd', 'clip'        heavy-ball b ← μ b + g, θ ← θ − lr b: unstable iff λ > (2 + 2μ) / lr (clipping only
+                           shortens steps, so this is the threshold whenever the gradient is not clipped).
+      'adam'               on the preconditioned sharpness λ(P^{-1/2} H P^{-1/2}): (2 + 2β1) / ((1 − β1) lr),
+                           38 / lr for β1 = 0.9.
+      'split'              on λ(P^{-1/2} H P^{-1/2}) with SplitSGD.preconditioner: (2 + 2μ) / lr.
+    The issue's "2/lr for SGD" is the momentum-free case; with μ = 0.9 the threshold is 1.9x higher.
+    """
+    if optimizer == "gd":
+        return 2.0 / lr
+    if optimizer in ("sgd", "clip", "split"):
+        return (2.0 + 2.0 * momentum) / lr
+    if optimizer == "adam":
+        return (2.0 + 2.0 * betas[0]) / ((1.0 - betas[0]) * lr)
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def preconditioned_top_eigenvalues(model, loss_fn, x, y, preconditioner, k=1, chunk=None, iters=100, tol=1e-3,
+                                   seed=0, v0=None):
+    """Top k eigenvalues of P^{-1/2} H P^{-1/2}: the sharpness an adaptive optimizer actually sees.
+
+    H is the Hessian of the mean loss over (x, y); P [num params] > 0 a diagonal preconditioner (e.g.
+    `adam_preconditioner`). `lanczos` runs on the wrapped matvec u -> s ⊙ H (s ⊙ u), s = P^{-1/2}, which
+    is symmetric, so its eigenvalues are those of P^{-1} H (similar matrices). As in `top_eigenvalues`,
+    the gradient graph is built once when the examples fit in one chunk, else each product is `hvp`.
+    BN buffers and mode are restored.
+
+    Returns eigenvalues float64 [k] (descending), eigenvectors [P, k] in the whitened coordinates (map
+    one to a parameter direction with s ⊙ w) and Ritz residuals [k]. Needs `hvp` and `lanczos`.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    sizes = [p.numel() for p in params]
+    scale = preconditioner.to(device=params[0].device, dtype=params[0].dtype).rsqrt()
+    saved_buffers, was_training = [b.detach().clone() for b in model.buffers()], model.training
+    try:
+        if chunk is None or chunk >= len(x):
+            grads = torch.autograd.grad(loss_fn(model(x), y).mean(), params, create_graph=True,
+                                        materialize_grads=True)
+
+            def hessian_times(v):
+                directions = [d.view_as(p) for d, p in zip(torch.split(v, sizes), params)]
+                hv = torch.autograd.grad(grads, params, grad_outputs=directions, retain_graph=True,
+                                         materialize_grads=True)
+                return torch.cat([h.reshape(-1) for h in hv])
+        else:
+            def hessian_times(v):
+                return hvp(model, loss_fn, x, y, v, chunk)
+
+        def matvec(u):
+            return scale * hessian_times(scale * u.to(scale.dtype))
+
+        return lanczos(matvec, sum(sizes), k=k, iters=iters, tol=tol, seed=seed, v0=v0,
+                       dtype=params[0].dtype, device=params[0].device)
+    finally:
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), saved_buffers):
+                buffer.copy_(saved)
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- 7. Training
 
 def train(model, x, y, loss_fn, optimizer="gd", lr=0.01, steps=1000, batch_size=128, momentum=0.9,
           betas=(0.9, 0.999), chunk=None, eig_every=20, eig_k=1, eig_examples=None, eig_iters=100,
-          record_every=1, probes=None, callback=None, log_every=100, seed=0, log=print):
+          record_every=1, probes=None, callback=None, log_every=100, seed=0, log=print,
+          clip_norm=1.0, split_quantile=0.1, split_lr=1e-3, preconditioned=False, record_sign_flips=False):
     """Train `model` on (x, y) and record the quantities the paper looks at.
 
-    optimizer: "gd"   full-batch gradient descent θ <- θ - lr ∇L(θ), L the mean loss over all N
-                      examples; the gradient is accumulated over chunks of `chunk` examples, each
-                      contributing ∇(sum of its losses)/N, which equals the one-batch gradient.
-               "sgd"  minibatch SGD with heavy-ball momentum (torch.optim.SGD), `batch_size`
-                      examples per step drawn by a seeded reshuffle each epoch.
-               "adam" Adam (torch.optim.Adam) on the same minibatches.
+    optimizer: "gd"    full-batch gradient descent θ <- θ - lr ∇L(θ), L the mean loss over all N
+                       examples; the gradient is accumulated over chunks of `chunk` examples, each
+                       contributing ∇(sum of its losses)/N, which equals the one-batch gradient.
+               "sgd"   minibatch SGD with heavy-ball momentum (torch.optim.SGD), `batch_size`
+                       examples per step drawn by a seeded reshuffle each epoch.
+               "adam"  Adam (torch.optim.Adam) on the same minibatches.
+               "clip"  "sgd" after rescaling the minibatch gradient g to g · min(1, clip_norm / |g|)
+                       (|g| the Euclidean norm over all parameters).
+               "split" `SplitSGD` (lr for the SGD part, split_lr for the normalized part, quantile
+                       split_quantile, momentum and β1 = betas[0]) on the same minibatches.
     Every step records, at the parameters θ_t before the update: the loss and accuracy (full
-    training set for gd, the minibatch for sgd/adam; nan for a single-output regression model) and
-    the outputs on `probes` [P, ...] if given.
+    training set for gd, the minibatch otherwise; nan for a single-output regression model), the norm
+    |g_t| of the (unclipped) gradient, and the outputs on `probes` [P, ...] if given; with record_sign_flips, per parameter tensor the number of
+    coordinates whose gradient sign is opposite to the previous step's (nan at step 0).
     Every `record_every` steps (default: every step) it records the per-example losses of all N
-    training examples: for gd from the step's own forward pass (no extra pass), for sgd/adam by
+    training examples: for gd from the step's own forward pass (no extra pass), otherwise by
     an extra forward pass over the whole set. Every `eig_every` steps: the top `eig_k` Hessian
     eigenvalues of the mean loss over the first `eig_examples` examples (`top_eigenvalues`,
     warm-started from the previous eigenvectors), then `callback(step, model, eigenvalues,
-    eigenvectors)` if given, whose return value is kept in history["callback"].
+    eigenvectors)` if given, whose return value is kept in history["callback"]. With preconditioned
+    (adam and split only) also the top eig_k eigenvalues of P^{-1/2} H P^{-1/2}, P the optimizer's
+    current preconditioner (`adam_preconditioner`, `SplitSGD.preconditioner`; nan before the first step),
+    to be compared with history["threshold"] = `stability_threshold`.
 
     A non-finite loss stops the run with a message (history["diverged"]); everything recorded up to
     then is returned. Seeded: two runs with the same seed and model init give identical records on
-    CPU. Returns a dict of numpy arrays: step, loss, accuracy, per_example_loss [T, N] (float32),
-    probe_output [T, P, C], eig_step, eigenvalues [E, k], record_step, and "diverged" (None or str).
-    Needs `top_eigenvalues` (and through it `hvp`, `lanczos`).
+    CPU. Returns a dict of numpy arrays: step, loss, accuracy, grad_norm, per_example_loss [T, N]
+    (float32), probe_output [T, P, C], eig_step, eigenvalues [E, k], record_step, preconditioned_eigenvalues
+    [E, k] (with preconditioned), sign_flip [T, n_tensors] (with record_sign_flips), threshold (float),
+    and "diverged" (None or str). Needs `top_eigenvalues` (and through it `hvp`, `lanczos`), `SplitSGD`,
+    `adam_preconditioner`, `preconditioned_top_eigenvalues`, `stability_threshold`.
     """
-    if optimizer not in ("gd", "sgd", "adam"):
-        raise ValueError(f"unknown optimizer {optimizer!r}: use 'gd', 'sgd' or 'adam'")
+    if optimizer not in ("gd", "sgd", "adam", "clip", "split"):
+        raise ValueError(f"unknown optimizer {optimizer!r}: use 'gd', 'sgd', 'adam', 'clip' or 'split'")
+    if preconditioned and optimizer not in ("adam", "split"):
+        raise ValueError(f"preconditioned sharpness needs an adaptive optimizer ('adam' or 'split'), not {optimizer!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adam":
         opt = torch.optim.Adam(params, lr=lr, betas=betas)
+    elif optimizer == "split":
+        opt = SplitSGD(params, lr=lr, normalized_lr=split_lr, quantile=split_quantile, momentum=momentum, betas=betas)
     else:
         opt = torch.optim.SGD(params, lr=lr, momentum=0.0 if optimizer == "gd" else momentum)
+    threshold = stability_threshold(optimizer, lr, momentum, betas)
     n, chunk = len(x), chunk or len(x)
     eig_x, eig_y = x[:eig_examples or n], y[:eig_examples or n]
     generator = torch.Generator().manual_seed(seed)
     order, cursor = torch.randperm(n, generator=generator), 0
-    record = {key: [] for key in ("step", "loss", "accuracy", "per_example_loss", "probe_output",
-                                  "record_step", "eig_step", "eigenvalues", "callback")}
-    record["diverged"], eigenvectors, start_time = None, None, time.time()
+    record = {key: [] for key in ("step", "loss", "accuracy", "grad_norm", "per_example_loss", "probe_output",
+                                  "record_step", "eig_step", "eigenvalues", "preconditioned_eigenvalues",
+                                  "sign_flip", "callback")}
+    record["diverged"], eigenvectors, preconditioned_vectors, start_time = None, None, None, time.time()
+    previous_signs = None
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
         if optimizer == "gd":
@@ -649,6 +853,13 @@ def train(model, x, y, loss_fn, optimizer="gd", lr=0.01, steps=1000, batch_size=
             batch_loss.backward()
             loss = float(batch_loss.detach())
             accuracy = float((outputs.argmax(-1) == y[batch]).float().mean()) if outputs.shape[-1] > 1 else float("nan")
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        record["grad_norm"].append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        if record_sign_flips:
+            signs = [torch.sign(g).to(torch.int8) for g in grads]
+            record["sign_flip"].append([float("nan")] * len(grads) if previous_signs is None else torch.stack(
+                [(s * prev < 0).sum() for s, prev in zip(signs, previous_signs)]).tolist())
+            previous_signs = signs
         record["step"].append(step)
         record["loss"].append(loss)
         record["accuracy"].append(accuracy)
@@ -667,26 +878,47 @@ def train(model, x, y, loss_fn, optimizer="gd", lr=0.01, steps=1000, batch_size=
                 model, loss_fn, eig_x, eig_y, k=eig_k, chunk=chunk, iters=eig_iters, seed=seed, v0=eigenvectors)
             record["eig_step"].append(step)
             record["eigenvalues"].append(eigenvalues.tolist())
+            if preconditioned:
+                P = adam_preconditioner(opt) if optimizer == "adam" else opt.preconditioner()
+                if P is None:
+                    record["preconditioned_eigenvalues"].append([float("nan")] * eig_k)
+                else:
+                    values, preconditioned_vectors, _ = preconditioned_top_eigenvalues(
+                        model, loss_fn, eig_x, eig_y, P, k=eig_k, chunk=chunk, iters=eig_iters, seed=seed,
+                        v0=preconditioned_vectors)
+                    record["preconditioned_eigenvalues"].append(values.tolist())
             if callback is not None:
                 record["callback"].append(callback(step, model, eigenvalues, eigenvectors))
+        if optimizer == "clip":
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
         opt.step()
         if log_every and (step % log_every == 0 or step == steps - 1):
             elapsed = time.time() - start_time
             sharpness = record["eigenvalues"][-1][0] if record["eigenvalues"] else float("nan")
-            log(f"step {step:5d} | loss {loss:.4f} | acc {accuracy:.3f} | sharpness {sharpness:8.2f} | "
-                f"2/lr {2 / lr:7.2f} | {elapsed:6.1f}s elapsed, {elapsed / (step + 1) * (steps - step - 1):6.1f}s left")
-    history = {key: np.asarray(record[key]) for key in ("step", "loss", "accuracy", "record_step", "eig_step")}
+            limit = "2/lr" if optimizer == "gd" else "threshold"
+            extra = (f"| preconditioned {record['preconditioned_eigenvalues'][-1][0]:8.2f} "
+                     if preconditioned and record["preconditioned_eigenvalues"] else "")
+            log(f"step {step:5d} | loss {loss:.4f} | acc {accuracy:.3f} | sharpness {sharpness:8.2f} {extra}| "
+                f"{limit} {threshold:7.2f} | {elapsed:6.1f}s elapsed, "
+                f"{elapsed / (step + 1) * (steps - step - 1):6.1f}s left")
+    history = {key: np.asarray(record[key]) for key in ("step", "loss", "accuracy", "grad_norm", "record_step",
+                                                        "eig_step")}
     history["eigenvalues"] = np.asarray(record["eigenvalues"], dtype=np.float64).reshape(-1, eig_k)
+    if preconditioned:
+        history["preconditioned_eigenvalues"] = np.asarray(record["preconditioned_eigenvalues"],
+                                                           dtype=np.float64).reshape(-1, eig_k)
+    if record_sign_flips:
+        history["sign_flip"] = np.asarray(record["sign_flip"], dtype=np.float64).reshape(-1, len(params))
     history["per_example_loss"] = (torch.stack(record["per_example_loss"]).numpy() if record["per_example_loss"]
                                    else np.zeros((0, n), np.float32))
     if probes is not None:
         history["probe_output"] = (torch.stack(record["probe_output"]).numpy() if record["probe_output"]
                                    else np.zeros((0, len(probes), 0), np.float32))
-    history["callback"], history["diverged"] = record["callback"], record["diverged"]
+    history["callback"], history["diverged"], history["threshold"] = record["callback"], record["diverged"], threshold
     return history
 
 
-# ----------------------------------------------------------------------------- 7. Outliers and opposing groups
+# ----------------------------------------------------------------------------- 8. Outliers and opposing groups
 
 def loss_spikes(loss, window=20, factor=1.1):
     """Steps t where the loss exceeds `factor` times its minimum over the previous `window` steps.
@@ -825,7 +1057,7 @@ def opposing_groups(model, loss_fn, x, y, lr, eigenvectors, top=30, seed=0):
             "group_mean_cosine": group_cos, "loss_change_all": change.float().cpu().numpy()}
 
 
-# ----------------------------------------------------------------------------- 8. Two-layer linear model of opposing signals
+# ----------------------------------------------------------------------------- 9. Two-layer linear model of opposing signals
 #
 # OUR RECONSTRUCTION. The paper analyses a two-layer linear network on "a simple model of opposing
 # signals"; its text is not available to us, so the model, the data and the derivation below are
@@ -886,7 +1118,7 @@ def make_opposing_signal_data(n_pairs=200, n_plain=800, alpha=7.0, scales=(1.0, 
     residual on the signal-bearing examples keeps the sign of −offset, which is what makes a weight
     on x_o help one group and hurt the other (their loss difference is exactly −2 α offset w_o for the
     two-layer linear model). It changes neither ∇_w L nor the Hessian, only the loss. A ReLU network
-    can fit it by computing |x_o| (section 9).
+    can fit it by computing |x_o| (section 10).
 
     Returns x [N, 1 + k], y [N] (dtype), sign [N] int64 in {+1, −1, 0}; rows ordered +1 group, −1 group, plain.
     """
@@ -955,7 +1187,7 @@ def opposing_rayleigh_quotient(model, x, y, feature=0):
 
     θ_o = (b e_oᵀ, A e_o)/√S, S = |A e_o|² + |b|² (unit norm). With Σ = xᵀx/N, g = xᵀr/N (r = f(x) − y)
     and ẇ = (|b|² e_o + Aᵀ A e_o)/√S:  θ_oᵀ H θ_o = ẇᵀ Σ ẇ + 2 w_o g_o / S, the Gauss-Newton and residual
-    terms of section 8's derivation with nothing dropped (for make_opposing_signal_data it equals
+    terms of section 9's derivation with nothing dropped (for make_opposing_signal_data it equals
     p α² S + |Σ_g^½ A_gᵀa|²/S + 2 p α² w_o²/S). A lower bound on the sharpness (Courant-Fischer) that
     is tight when θ_o is the top eigenvector. x [N, d], y [N]. Returns a float.
     """
@@ -1022,9 +1254,9 @@ def consecutive_sign_changes(values, mask):
     return float(np.mean((values[1:] * values[:-1] < 0)[pairs])), int(pairs.sum())
 
 
-# ----------------------------------------------------------------------------- 9. Toy network
+# ----------------------------------------------------------------------------- 10. Toy network
 #
-# OUR RECONSTRUCTION of the paper's toy example. The data are those of section 8: a rare coordinate
+# OUR RECONSTRUCTION of the paper's toy example. The data are those of section 9: a rare coordinate
 # x_0 = ±α on a fraction p of the examples, no information about y in its sign, and a target offset
 # that depends on |x_0| only. A one-hidden-layer ReLU network f(x) = vᵀ relu(U x + c) + c_2 trained by
 # full-batch GD on the squared error starts with every ReLU active on both signs of x_0 (small U,
@@ -1112,7 +1344,135 @@ def group_gradients(model, loss_fn, x, y, groups):
     return grads
 
 
-# ----------------------------------------------------------------------------- 10. Plotting helpers
+# ----------------------------------------------------------------------------- 11. Adam versus SGD: where the sharp direction lives
+#
+# Opposing signals produce large, sign-flipping gradients in a few parameters. These functions say in
+# which layers the top Hessian eigenvector and the gradient's sign flips live, and how strongly the
+# groups of examples whose losses move most keep oscillating under a stochastic optimizer.
+
+
+def parameter_layers(model):
+    """Group the trainable parameter tensors into layers, in module order.
+
+    A tensor's layer is its name up to and including the first all-digit component ("net.1.weight"
+    -> "net.1", "blocks.2.attention.qkv.weight" -> "blocks.2": a whole transformer or residual block),
+    else its name without the last component ("embed.weight" -> "embed", "position" -> "position").
+    Returns (layer names [L] in order of first appearance, layer index of each tensor int64 [n_tensors],
+    number of entries of each tensor int64 [n_tensors]).
+    """
+    names, index, sizes = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        parts = name.split(".")
+        digit = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        layer = ".".join(parts[:digit + 1]) if digit is not None else (".".join(parts[:-1]) or name)
+        if layer not in names:
+            names.append(layer)
+        index.append(names.index(layer))
+        sizes.append(p.numel())
+    return names, np.asarray(index, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
+
+
+def layer_shares(vector, model):
+    """Share of a flat parameter vector's squared norm in each layer: |v_layer|² / |v|², [L], sums to 1.
+
+    vector [P] in the flat parameter order (e.g. the top Hessian eigenvector). For comparison, a random
+    isotropic vector puts the layer's parameter count / P there. Needs `parameter_layers`.
+    """
+    names, index, sizes = parameter_layers(model)
+    squared = [float(part.double().pow(2).sum()) for part in torch.split(vector.reshape(-1), sizes.tolist())]
+    shares = np.bincount(index, weights=squared, minlength=len(names))
+    return shares / max(shares.sum(), 1e-300)
+
+
+def layer_sign_flip_rates(sign_flips, model):
+    """Per layer, the fraction of gradient coordinates whose sign flips from one step to the next.
+
+    sign_flips [T, n_tensors]: per step and parameter tensor, the number of coordinates with
+    sign(g_t) = -sign(g_{t-1}) (as recorded by `train(record_sign_flips=True)`; rows with nan are skipped).
+    Returns [L] = sum over steps and the layer's tensors of flips / (steps · layer size). Needs `parameter_layers`.
+    """
+    names, index, sizes = parameter_layers(model)
+    flips = np.asarray(sign_flips, dtype=np.float64)
+    flips = flips[np.all(np.isfinite(flips), axis=1)]
+    per_layer = np.bincount(index, weights=flips.sum(0), minlength=len(names))
+    return per_layer / (np.bincount(index, weights=sizes, minlength=len(names)) * max(len(flips), 1))
+
+
+def opposing_group_oscillation(per_example_loss, top=40, window=30, start=0, stride=None, seed=0):
+    """How strongly the groups of examples whose losses move most keep oscillating, against control groups.
+
+    OUR RECONSTRUCTION of a rule for stochastic runs, where no single step defines the groups.
+    per_example_loss [R, N]: the loss of every training example at R record times (every k steps; take
+    k odd, so that a period-2 oscillation still alternates between records).
+    Selection at record r: Δ_i = ℓ_i(r+1) − ℓ_i(r); the `top` examples by |Δ_i| split by sign into the
+    group that went up and the group that went down (the opposing pair of that interval). Two controls,
+    each member drawn from outside the top without replacement: random examples, and loss-matched
+    examples (for each member, the remaining example whose loss at record r+1 is nearest), since
+    high-loss examples move more whatever the optimizer does.
+    Measurement over the `window` intervals between records r+2 ... r+2+window (record r+1, where the
+    selecting change ended, is left out: any noise in it would show up as a spurious reversal in the
+    next interval): a group's amplitude is mean_t |ℓ̄(t+1) − ℓ̄(t)|, ℓ̄ the group's mean loss (loss units
+    per record interval); a pair's amplitude is the mean of its two groups'. Selections at
+    r = start, start + stride, ... (stride defaults to window: disjoint windows).
+
+    Returns a dict of numpy arrays over selections: record [S], n_up [S], amplitude [S], amplitude_control
+    [S] (random), amplitude_matched [S], relative = amplitude / amplitude_control [S], relative_matched =
+    amplitude / amplitude_matched [S], correlation [S] = corr of the up and down groups' changes (opposing:
+    < 0), correlation_control [S] (random pair); and floats median_relative, median_relative_matched,
+    median_amplitude, median_correlation (nan when S = 0).
+    """
+    losses = np.asarray(per_example_loss, dtype=np.float64)
+    R, N = losses.shape
+    stride = stride or window
+    rng = np.random.default_rng(seed)
+
+    def amplitude(series):
+        return float(np.abs(np.diff(series)).mean())
+
+    def correlation(a, b):
+        da, db = np.diff(a), np.diff(b)
+        return float(np.corrcoef(da, db)[0, 1]) if da.std() > 0 and db.std() > 0 else float("nan")
+
+    def pair_amplitude(span, first, second):
+        return (amplitude(span[:, first].mean(1)) + amplitude(span[:, second].mean(1))) / 2
+
+    rows = []
+    for r in range(start, R - window - 2, stride):
+        change = losses[r + 1] - losses[r]
+        order = np.argsort(-np.abs(change))
+        chosen, rest = order[:top], rng.permutation(order[top:])
+        is_up = change[chosen] > 0
+        if is_up.all() or not is_up.any():
+            continue
+        up, down = chosen[is_up], chosen[~is_up]
+        control_up, control_down = rest[:len(up)], rest[len(up):len(up) + len(down)]
+        available = np.ones(N, dtype=bool)
+        available[chosen] = False
+        matched = []
+        for i in chosen:
+            candidates = np.flatnonzero(available)
+            j = candidates[np.argmin(np.abs(losses[r + 1, candidates] - losses[r + 1, i]))]
+            matched.append(j)
+            available[j] = False
+        matched = np.asarray(matched)
+        span = losses[r + 2:r + 3 + window]
+        groups = pair_amplitude(span, up, down)
+        control = pair_amplitude(span, control_up, control_down)
+        loss_matched = pair_amplitude(span, matched[is_up], matched[~is_up])
+        rows.append((r, len(up), groups, control, loss_matched, groups / max(control, 1e-300),
+                     groups / max(loss_matched, 1e-300), correlation(span[:, up].mean(1), span[:, down].mean(1)),
+                     correlation(span[:, control_up].mean(1), span[:, control_down].mean(1))))
+    keys = ("record", "n_up", "amplitude", "amplitude_control", "amplitude_matched", "relative", "relative_matched",
+            "correlation", "correlation_control")
+    result = {key: np.asarray([row[j] for row in rows], dtype=np.float64) for j, key in enumerate(keys)}
+    for key in ("relative", "relative_matched", "amplitude", "correlation"):
+        result[f"median_{key}"] = float(np.nanmedian(result[key])) if rows else float("nan")
+    return result
+
+
+# ----------------------------------------------------------------------------- 12. Plotting helpers
 
 def plot_loss_and_sharpness(history, lr, title="", spikes=None):
     """Figure with the training loss (top, log scale) and the top Hessian eigenvalues (bottom)

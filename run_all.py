@@ -21,7 +21,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -137,10 +137,66 @@ class ToyConfig:
     seed: int = 0
 
 
+@dataclass
+class OptimizersConfig:
+    """Issue 5: SGD with momentum, Adam, clipped SGD and split-update SGD, each at its best step size from a
+    grid of the same size and the same step budget; then opposing-group oscillations, (preconditioned)
+    sharpness against each optimizer's threshold, and where the top Hessian eigenvector lives. The CPU defaults
+    (MLP, 5,000 CIFAR-10 images, 4 x 4 runs of 1,500 steps + 4 measured reruns) take about 8 minutes."""
+    name: str = "optimizers"
+    data: str = "cifar10"           # "cifar10" or "planted" (synthetic, offline)
+    n_train: int = 5000
+    n_test: int = 10000             # test images for the final accuracy (CIFAR-10 test set; planted: held out)
+    model: str = "mlp"              # mlp | cnn | vgg11 | resnet18 | vit
+    width: int = 200
+    depth: int = 2
+    activation: str = "relu"
+    loss: str = "ce"
+    steps: int = 1500
+    batch_size: int = 128
+    momentum: float = 0.9           # SGD, clip and split's SGD part; β1 of Adam and split's normalized part
+    beta2: float = 0.999
+    # step-size grids, lists so that the config survives run_all's JSON round trip unchanged
+    sgd_lrs: list = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1])
+    adam_lrs: list = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3])
+    clip_lrs: list = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1])
+    clip_norm: float = 1.0          # about half the median minibatch gradient norm of SGD on the MLP
+    split_lrs: list = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1])  # SGD part; normalized part: Adam's best lr
+    split_quantile: float = 0.1
+    curve_every: int = 50           # grid runs: full-set loss every this many steps
+    grid_eig_every: int = 500       # grid runs: (preconditioned) sharpness every this many steps
+    record_every: int = 3           # best runs: per-example losses every this many steps (odd: a period-2 oscillation still alternates)
+    eig_every: int = 50
+    eig_examples: int = 1000
+    eig_iters: int = 100
+    top: int = 40                   # examples per selection of opposing groups
+    window: int = 30                # record intervals measured after each selection
+    chunk: int = 0                  # examples per forward pass in Hessian products (0: all at once)
+    seed: int = 0
+
+
+# GPU profile: the small ViT (where the paper finds Adam's advantage largest) and ResNet-18 without BN
+OPTIMIZERS_GPU_VIT = OptimizersConfig(
+    name="optimizers", model="vit", width=128, depth=4, n_train=10000, steps=4000, sgd_lrs=[0.01, 0.03, 0.1, 0.3],
+    adam_lrs=[1e-4, 3e-4, 1e-3, 3e-3], clip_lrs=[0.01, 0.03, 0.1, 0.3], split_lrs=[0.01, 0.03, 0.1, 0.3],
+    grid_eig_every=1000, record_every=5, eig_every=100, eig_examples=2000, chunk=0, top=80)
+OPTIMIZERS_GPU_RESNET18 = OptimizersConfig(
+    name="optimizers_resnet18", model="resnet18", width=64, n_train=10000, steps=3000, sgd_lrs=[0.003, 0.01, 0.03, 0.1],
+    adam_lrs=[3e-5, 1e-4, 3e-4, 1e-3], clip_lrs=[0.003, 0.01, 0.03, 0.1], split_lrs=[0.003, 0.01, 0.03, 0.1],
+    grid_eig_every=1000, record_every=5, eig_every=100, eig_examples=2000, chunk=500, top=80)
+# smoke profile: seconds, planted images
+OPTIMIZERS_SMOKE = OptimizersConfig(
+    data="planted", n_train=400, n_test=200, width=32, depth=1, steps=90, batch_size=32, sgd_lrs=[0.01, 0.03],
+    adam_lrs=[3e-4, 1e-3], clip_lrs=[0.01, 0.03], split_lrs=[0.01, 0.03], curve_every=10, grid_eig_every=45,
+    record_every=3, eig_every=30, eig_examples=200, eig_iters=30, top=10, window=8)
+
+
 # ----------------------------------------------------------------------------- experiments
 
 LOSSES = {"mse": osig.mse_loss, "ce": osig.cross_entropy_loss}
 AIRPLANE, BIRD, SHIP = 0, 2, 8
+OPTIMIZER_NAMES = ("sgd", "adam", "clip", "split")
+COLORS = {"sgd": "C0", "adam": "C3", "clip": "C2", "split": "C1"}
 
 
 def build_model(cfg, in_shape, num_classes=10):
@@ -745,6 +801,295 @@ def plot_toy(toy, control, path):
     save_figure(fig, path)
 
 
+def evaluate(model, loss_fn, x, y, chunk=1000):
+    """Mean loss and accuracy of the model on (x, y), without gradients."""
+    with torch.no_grad():
+        outputs = torch.cat([model(x[s:s + chunk]) for s in range(0, len(x), chunk)])
+    return float(loss_fn(outputs, y).mean()), float((outputs.argmax(-1) == y).float().mean())
+
+
+def early_layers(names):
+    """The first third (rounded up) of the layer groups in module order: the first Linear of the MLP; the
+    positions, patch embedding and first block of a depth-4 ViT; stem and first blocks of a ResNet."""
+    return np.arange(len(names)) < int(np.ceil(len(names) / 3))
+
+
+def run_optimizers(cfg, out, device, log=print):
+    """Issue 5: Adam versus SGD (with clipping and split-update SGD) under opposing signals."""
+    start_time = time.time()
+    loss_fn = LOSSES[cfg.loss]
+    if cfg.data == "planted":
+        images, labels, _ = load_training_images("planted", cfg.n_train + cfg.n_test, cfg.seed)
+        test_images, test_labels = images[cfg.n_train:], labels[cfg.n_train:]
+        images, labels = images[:cfg.n_train], labels[:cfg.n_train]
+    else:
+        images, labels, _ = load_training_images(cfg.data, cfg.n_train, cfg.seed)
+        test_images, test_labels = osig.load_cifar10(train=False)
+        test_images, test_labels = test_images[:cfg.n_test], test_labels[:cfg.n_test]
+    x, mean, std = osig.normalize(images)
+    x_test, _, _ = osig.normalize(test_images, mean, std)
+    x, y, x_test, y_test = x.to(device), labels.to(device), x_test.to(device), test_labels.to(device)
+    betas = (cfg.momentum, cfg.beta2)
+    grids = {"sgd": cfg.sgd_lrs, "adam": cfg.adam_lrs, "clip": cfg.clip_lrs, "split": cfg.split_lrs}
+    log(f"  {len(x)} training and {len(x_test)} test images, {cfg.model}, {cfg.steps} steps of batch "
+        f"{cfg.batch_size}; step-size grids: " + "; ".join(f"{k} {list(v)}" for k, v in grids.items()) +
+        f" (split: normalized part at Adam's best lr, q = {cfg.split_quantile}; clip at |g| <= {cfg.clip_norm})")
+
+    def run(name, lr, measured, split_lr=None):
+        """One seeded run; `measured` adds dense per-example losses, frequent sharpness, eigenvectors, sign flips."""
+        model = build_model(cfg, x.shape[1:]).to(device)
+        history = osig.train(
+            model, x, y, loss_fn, name, lr=lr, steps=cfg.steps, batch_size=cfg.batch_size, momentum=cfg.momentum,
+            betas=betas, chunk=cfg.chunk or None, eig_every=cfg.eig_every if measured else cfg.grid_eig_every,
+            eig_examples=cfg.eig_examples, eig_iters=cfg.eig_iters,
+            record_every=cfg.record_every if measured else cfg.curve_every,
+            callback=(lambda step, m, values, vectors: osig.layer_shares(vectors[:, 0], m)) if measured else None,
+            log_every=cfg.steps // 5 if measured else 0, seed=cfg.seed, log=log, clip_norm=cfg.clip_norm,
+            split_quantile=cfg.split_quantile, split_lr=split_lr or 1e-3,
+            preconditioned=name in ("adam", "split"), record_sign_flips=measured)
+        if history["diverged"]:
+            return model, history, float("inf"), float("nan"), float("nan")
+        train_loss, _ = evaluate(model, loss_fn, x, y)
+        test_loss, test_accuracy = evaluate(model, loss_fn, x_test, y_test)
+        return model, history, train_loss if np.isfinite(train_loss) else float("inf"), test_loss, test_accuracy
+
+    def sharpness_ratio(name, history):
+        """Per measurement: (preconditioned, for adam and split) sharpness / the optimizer's threshold."""
+        values = history["preconditioned_eigenvalues" if name in ("adam", "split") else "eigenvalues"]
+        return values[:, 0] / history["threshold"]
+
+    # 1. step-size grids, all with the same budget; the best step size has the lowest final training loss
+    grid_results, best = {}, {}
+    for name in OPTIMIZER_NAMES:
+        split_lr = best["adam"]["lr"] if name == "split" else None
+        rows = []
+        for lr in grids[name]:
+            t0 = time.time()
+            _, history, train_loss, test_loss, test_accuracy = run(name, lr, False, split_lr)
+            ratio = sharpness_ratio(name, history)[history["eig_step"] > 0]
+            rows.append(dict(lr=lr, train_loss=train_loss, test_loss=test_loss, test_accuracy=test_accuracy,
+                             curve_step=history["record_step"], curve=history["per_example_loss"].mean(1),
+                             ratio=float(np.nanmax(ratio)) if np.isfinite(ratio).any() else float("nan")))
+            log(f"  grid | {name:5s} lr {lr:<8g} final train loss {train_loss:.4f} test acc {test_accuracy:.3f} "
+                f"max sharpness / threshold {rows[-1]['ratio']:.3f} ({time.time() - t0:.0f}s)")
+        grid_results[name] = rows
+        choice = min(rows, key=lambda row: row["train_loss"])
+        best[name] = dict(choice, split_lr=split_lr)
+        if choice["lr"] in (grids[name][0], grids[name][-1]):
+            log(f"  note: {name}'s best lr {choice['lr']} is at the edge of its grid")
+
+    # 2. the best run of each optimizer again, measured (same seed: the same trajectory)
+    measured, notes = {}, []
+    for name in OPTIMIZER_NAMES:
+        lr = best[name]["lr"]
+        log(f"  measured run | {name} lr {lr}")
+        model, history, train_loss, _, _ = run(name, lr, True, best[name]["split_lr"])
+        if not np.isclose(train_loss, best[name]["train_loss"], rtol=1e-4):
+            notes.append(f"{name}: the measured rerun ended at train loss {train_loss:.5f}, the grid run at "
+                         f"{best[name]['train_loss']:.5f} (not bit-identical on this device)")
+        measured[name] = dict(history=history, model=model)
+    layer_names, layer_index, sizes = osig.parameter_layers(measured["sgd"]["model"])
+    parameter_share = np.bincount(layer_index, weights=sizes, minlength=len(layer_names)) / sizes.sum()
+    early = early_layers(layer_names)
+
+    # 3. analysis of each measured run
+    summary = {}
+    for name in OPTIMIZER_NAMES:
+        history = measured[name]["history"]
+        losses = history["per_example_loss"]
+        start = len(losses) // 5          # after the first fifth of training, when the fast initial drop is over
+        oscillation = osig.opposing_group_oscillation(losses, top=cfg.top, window=cfg.window, start=start,
+                                                       seed=cfg.seed)
+        threshold = history["threshold"]
+        ratio = sharpness_ratio(name, history)
+        later = history["eig_step"] >= cfg.steps // 2
+        shares = np.asarray([s for step, s in zip(history["eig_step"], history["callback"]) if step > 0])
+        mean_shares = shares.mean(0) if len(shares) else np.full(len(layer_names), np.nan)
+        flips = osig.layer_sign_flip_rates(history["sign_flip"], measured[name]["model"])
+        summary[name] = dict(
+            lr=best[name]["lr"], train_loss=best[name]["train_loss"], test_accuracy=best[name]["test_accuracy"],
+            relative_amplitude=oscillation["median_relative"], amplitude=oscillation["median_amplitude"],
+            relative_matched=oscillation["median_relative_matched"],
+            group_correlation=oscillation["median_correlation"], oscillation=oscillation,
+            sharpness_ratio=float(np.nanmedian(ratio[later])) if later.any() else float("nan"),
+            sharpness_ratio_max=float(np.nanmax(ratio)) if np.isfinite(ratio).any() else float("nan"),
+            plain_sharpness=float(np.median(history["eigenvalues"][later, 0])) if later.any() else float("nan"),
+            threshold=threshold, layer_shares=mean_shares, early_share=float(mean_shares[early].sum()),
+            sign_flips=flips, ratio=ratio)
+        log(f"  {name:5s} | lr {summary[name]['lr']:<7g} | train loss {summary[name]['train_loss']:.4f} | test acc "
+            f"{summary[name]['test_accuracy']:.3f} | group oscillation {summary[name]['relative_amplitude']:.2f}x "
+            f"random, {summary[name]['relative_matched']:.2f}x loss-matched ({summary[name]['amplitude']:.4f} per "
+            f"{cfg.record_every} steps, corr up/down "
+            f"{summary[name]['group_correlation']:.2f}) | {'preconditioned ' if name in ('adam', 'split') else ''}"
+            f"sharpness / threshold {summary[name]['sharpness_ratio']:.3f} (max {summary[name]['sharpness_ratio_max']:.3f})"
+            f" | early-layer eigenvector share {summary[name]['early_share']:.3f}")
+
+    # 4. criteria
+    criteria = []
+    sgd, adam = summary["sgd"], summary["adam"]
+    amplitude_ratio = sgd["relative_amplitude"] / adam["relative_amplitude"]
+    criteria.append(criterion("opposing-group oscillation (x control), SGD / Adam at their best lr", amplitude_ratio,
+                              ">= 3", amplitude_ratio >= 3, log))
+    for name in ("sgd", "adam"):
+        criteria.append(criterion(f"{name}: share of the top Hessian eigenvector's squared norm in the early layers "
+                                  f"({', '.join(np.asarray(layer_names)[early])}; their parameter share "
+                                  f"{parameter_share[early].sum():.2f})", summary[name]["early_share"], ">= 0.5",
+                                  summary[name]["early_share"] >= 0.5, log))
+    gap = sgd["train_loss"] - adam["train_loss"]
+    closed = {name: (sgd["train_loss"] - summary[name]["train_loss"]) / gap if gap > 0 else float("nan")
+              for name in ("clip", "split")}
+    criteria.append(criterion("fraction of the SGD -> Adam final train-loss gap closed by split-update SGD",
+                              closed["split"], ">= 0.5 (our reading of 'closes most of it')",
+                              closed["split"] >= 0.5, log))
+    if gap <= 0:
+        notes.append(f"Adam did not reach a lower final train loss than SGD (gap {gap:.4g}): the fraction of the "
+                     f"gap closed is undefined (nan).")
+
+    # 5. table and notes
+    header = ("| optimizer | best lr | final train loss | test acc | group oscillation / random control | "
+              "/ loss-matched control | group amplitude (loss per record) | corr(up, down) | "
+              "sharpness / threshold (median, 2nd half) | early-layer share (parameter share) |")
+    table = [header, "|" + "---|" * 10]
+    for name in OPTIMIZER_NAMES:
+        s = summary[name]
+        kind = "P^-1 H vs 38/lr" if name == "adam" else ("P^-1 H vs 3.8/lr" if name == "split" else "H vs 3.8/lr")
+        table.append(f"| {name} | {s['lr']:g} | {s['train_loss']:.4f} | {s['test_accuracy']:.3f} | "
+                     f"{s['relative_amplitude']:.2f} | {s['relative_matched']:.2f} | {s['amplitude']:.4f} | "
+                     f"{s['group_correlation']:.2f} | {s['sharpness_ratio']:.3f} ({kind}) | {s['early_share']:.3f} "
+                     f"({parameter_share[early].sum():.2f}) |")
+    table += ["", "Step-size grids (same budget for each): lr -> final train loss, test acc, max sharpness / threshold",
+              "", "| optimizer | grid |", "|---|---|"]
+    for name in OPTIMIZER_NAMES:
+        table.append(f"| {name} | " + "; ".join(f"{row['lr']:g} -> {row['train_loss']:.3g}, {row['test_accuracy']:.3f}, "
+                                             f"{row['ratio']:.2f}" for row in grid_results[name]) + " |")
+    table_text = "\n".join(table)
+    atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(table_text + "\n"))
+    log("\n" + table_text)
+    notes.append("Measured table (also in table.md): " + " ".join(
+        f"{n}: lr {summary[n]['lr']:g}, train loss {summary[n]['train_loss']:.4f}, test acc "
+        f"{summary[n]['test_accuracy']:.3f}, group oscillation {summary[n]['relative_amplitude']:.2f}x control, "
+        f"sharpness/threshold {summary[n]['sharpness_ratio']:.3f}, early-layer share {summary[n]['early_share']:.3f};"
+        for n in OPTIMIZER_NAMES))
+    notes.append(f"Gap SGD -> Adam in final train loss: {gap:.4g}; clipping closes {closed['clip']:.2f} of it, "
+                 f"split-update SGD {closed['split']:.2f}.")
+    notes.append(f"Other normalizations of the oscillation, SGD / Adam: in loss units {sgd['amplitude']:.4f} / "
+                 f"{adam['amplitude']:.4f} per {cfg.record_every} steps (ratio {sgd['amplitude'] / adam['amplitude']:.2f}); "
+                 f"against loss-matched control groups {sgd['relative_matched']:.2f} / {adam['relative_matched']:.2f} "
+                 f"(ratio {sgd['relative_matched'] / adam['relative_matched']:.2f}). The windows are at the same steps, "
+                 f"not at the same training loss.")
+    notes.append("Max (preconditioned) sharpness / threshold over each grid run: " + "; ".join(
+        f"{n}: " + ", ".join(f"lr {row['lr']:g} -> {row['ratio']:.2f}" for row in grid_results[n])
+        for n in OPTIMIZER_NAMES) + ".")
+    notes.append("Per-layer sign-flip rate of the minibatch gradient (fraction of coordinates per step): " + "; ".join(
+        f"{n}: " + ", ".join(f"{layer} {rate:.2f}" for layer, rate in zip(layer_names, summary[n]["sign_flips"]))
+        for n in ("sgd", "adam")) + ".")
+    notes.append("Rules (OUR RECONSTRUCTION): opposing groups are the top-|change| examples between two consecutive "
+                 f"records (every {cfg.record_every} steps, odd so a period-2 oscillation still alternates), split "
+                 "by sign; their amplitude is the mean |change| of each group's mean loss over the next "
+                 f"{cfg.window} intervals, divided by that of random groups of the same sizes (median over "
+                 "selections; also against loss-matched groups, since high-loss examples move more anyway). Thresholds: (2 + 2 momentum)/lr for SGD and clip (heavy-ball; 2/lr is the "
+                 "momentum-free case), (2 + 2 beta1)/((1 - beta1) lr) for Adam on P^-1/2 H P^-1/2, "
+                 "P = sqrt(v_hat) + eps; split on its own P (SplitSGD.preconditioner). Sharpness is of the mean "
+                 f"loss over the first {cfg.eig_examples} training examples. Early layers: the first third of the "
+                 "layer groups; a random direction would put their parameter share there.")
+
+    # 6. figures
+    figures = []
+    fig, (ax_loss, ax_ratio) = plt.subplots(1, 2, figsize=(12, 4))
+    for name in OPTIMIZER_NAMES:
+        for row in grid_results[name]:
+            if row["lr"] != summary[name]["lr"] and len(row["curve"]):
+                ax_loss.plot(row["curve_step"], row["curve"], color=COLORS[name], lw=0.5, alpha=0.35)
+        history = measured[name]["history"]
+        ax_loss.plot(history["record_step"], history["per_example_loss"].mean(1), color=COLORS[name], lw=1.2,
+                     label=f"{name} lr={summary[name]['lr']:g}: {summary[name]['train_loss']:.3g}, "
+                           f"test acc {summary[name]['test_accuracy']:.3f}")
+        ax_ratio.plot(history["eig_step"], summary[name]["ratio"], "o-", ms=2.5, color=COLORS[name], lw=1,
+                      label=f"{name}: {'preconditioned ' if name in ('adam', 'split') else ''}sharpness / "
+                            f"{summary[name]['threshold']:.4g}")
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel(f"training loss (all {len(x)} examples)")
+    ax_loss.set_title("best step size of each grid (thin: the other grid points)", fontsize=9)
+    ax_loss.legend(fontsize=7)
+    ax_ratio.axhline(1.0, ls="--", color="k", lw=0.8)
+    ax_ratio.set_xlabel("step")
+    ax_ratio.set_ylabel("sharpness / stability threshold")
+    ax_ratio.set_yscale("log")
+    ax_ratio.set_title("full-batch sharpness against each optimizer's threshold", fontsize=9)
+    ax_ratio.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, out / "training_curves.png")
+    figures.append("training_curves.png")
+
+    fig, axes = plt.subplots(1, len(OPTIMIZER_NAMES), figsize=(14, 3.4), sharey=False)
+    for ax, name in zip(axes, OPTIMIZER_NAMES):
+        history, oscillation = measured[name]["history"], summary[name]["oscillation"]
+        losses = history["per_example_loss"].astype(np.float64)
+        if len(oscillation["record"]):
+            r = int(oscillation["record"][len(oscillation["record"]) // 2])
+            change = losses[r + 1] - losses[r]
+            chosen = np.argsort(-np.abs(change))[:cfg.top]
+            rest = np.setdiff1d(np.arange(losses.shape[1]), chosen)
+            control = np.random.default_rng(cfg.seed).choice(rest, size=cfg.top, replace=False)
+            span = slice(r, min(len(losses), r + 3 + cfg.window))
+            steps = history["record_step"][span]
+            for members, label, color in ((chosen[change[chosen] > 0], "went up", "C3"),
+                                          (chosen[change[chosen] <= 0], "went down", "C0"), (control, "random", "C7")):
+                ax.plot(steps, losses[span][:, members].mean(1), color=color, lw=1, label=f"{label} ({len(members)})")
+            ax.axvspan(history["record_step"][r], history["record_step"][r + 1], color="y", alpha=0.3)
+        ax.set_title(f"{name} lr={summary[name]['lr']:g}: {summary[name]['relative_amplitude']:.2f}x random, "
+                     f"{summary[name]['relative_matched']:.2f}x loss-matched\n"
+                     f"corr(up, down) {summary[name]['group_correlation']:.2f}", fontsize=8)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("group mean loss")
+    fig.suptitle("opposing groups selected at the shaded interval (mid-training), then followed", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, out / "group_oscillations.png")
+    figures.append("group_oscillations.png")
+
+    fig, (ax_share, ax_flip) = plt.subplots(1, 2, figsize=(12, 3.8))
+    positions, width = np.arange(len(layer_names)), 0.8 / len(OPTIMIZER_NAMES)
+    for j, name in enumerate(OPTIMIZER_NAMES):
+        ax_share.bar(positions + (j - 1.5) * width, summary[name]["layer_shares"], width, color=COLORS[name],
+                     label=name)
+        ax_flip.bar(positions + (j - 1.5) * width, summary[name]["sign_flips"], width, color=COLORS[name], label=name)
+    ax_share.plot(positions, parameter_share, "k_", ms=18, mew=2, label="parameter share (random direction)")
+    for ax, label in ((ax_share, "share of top eigenvector's |v|²"), (ax_flip, "gradient sign flips per step")):
+        ax.set_xticks(positions)
+        ax.set_xticklabels(layer_names, rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    ax_share.set_title("top Hessian eigenvector by layer (mean over measurements)", fontsize=9)
+    ax_flip.set_title("fraction of gradient coordinates flipping sign between steps", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, out / "layer_shares.png")
+    figures.append("layer_shares.png")
+
+    # 7. raw numbers
+    arrays = {"layer_names": np.asarray(layer_names), "parameter_share": parameter_share}
+    for name in OPTIMIZER_NAMES:
+        arrays[f"{name}_grid_lr"] = np.asarray([row["lr"] for row in grid_results[name]])
+        arrays[f"{name}_grid_train_loss"] = np.asarray([row["train_loss"] for row in grid_results[name]])
+        arrays[f"{name}_grid_test_accuracy"] = np.asarray([row["test_accuracy"] for row in grid_results[name]])
+        arrays[f"{name}_grid_max_sharpness_ratio"] = np.asarray([row["ratio"] for row in grid_results[name]])
+        history = measured[name]["history"]
+        for key in ("step", "loss", "grad_norm", "record_step", "eig_step", "eigenvalues", "sign_flip"):
+            arrays[f"{name}_{key}"] = history[key]
+        if "preconditioned_eigenvalues" in history:
+            arrays[f"{name}_preconditioned_eigenvalues"] = history["preconditioned_eigenvalues"]
+        arrays[f"{name}_per_example_loss"] = history["per_example_loss"].astype(np.float16)
+        arrays[f"{name}_layer_shares"] = np.asarray([s for s in history["callback"]])
+        arrays[f"{name}_sign_flip_rate"] = summary[name]["sign_flips"]
+        for key, value in summary[name]["oscillation"].items():
+            arrays[f"{name}_oscillation_{key}"] = np.asarray(value)
+    save_npz(out / "optimizers.npz", **arrays)
+    notes.append(f"Run time {time.time() - start_time:.0f} s on {device} with {torch.get_num_threads()} thread(s).")
+    log(f"  {notes[-1]}")
+    return {"criteria": criteria, "figures": figures, "notes": notes}
+
+
 # ----------------------------------------------------------------------------- benchmark
 
 def median_time(fn, repeats=5):
@@ -927,9 +1272,13 @@ def experiment_plan(profile, data):
         mse = OpposingConfig(name="cifar_mse", data=data)
         ce = OpposingConfig(name="cifar_ce", data=data, activation="tanh", loss="ce", lr=0.05, steps=700,
                             eig_k=1, eos_by=500)
-    linear, toy = LinearConfig(), ToyConfig()
+    linear, toy, optimizers = LinearConfig(), ToyConfig(), [OptimizersConfig()]
     if profile == "smoke":
         linear, toy = LinearConfig(large_steps=400, small_steps=1000), ToyConfig(steps=600)
+        optimizers = [OPTIMIZERS_SMOKE]
+    elif profile == "gpu":
+        optimizers = [OPTIMIZERS_GPU_VIT, OPTIMIZERS_GPU_RESNET18]
+    optimizers = [dataclasses.replace(cfg, data=data) for cfg in optimizers]
     return [
         ("linear", "The mechanism in a two-layer linear network: sharpness in closed form, edge of stability, "
                    "self-stabilization, and a control.", linear, lambda cfg, out, device: run_linear(cfg, out), False),
@@ -939,7 +1288,10 @@ def experiment_plan(profile, data):
                       "the sky feature and its probe.", mse, run_opposing, data == "cifar10"),
         ("cifar_ce", "Issue 3 phenomena, cross-entropy: the gradient pairing of the opposing groups.",
          ce, run_opposing, data == "cifar10"),
-    ]
+    ] + [(cfg.name, f"Adam versus SGD ({cfg.model}): SGD with momentum, Adam, clipped SGD and split-update SGD at "
+                    "their best step sizes; opposing-group oscillations, (preconditioned) sharpness against each "
+                    "threshold, and where the top Hessian eigenvector lives.", cfg, run_optimizers, data == "cifar10")
+         for cfg in optimizers]
 
 
 def main(argv=None):
@@ -977,7 +1329,7 @@ def main(argv=None):
             continue
         if args.seed is not None:
             cfg = dataclasses.replace(cfg, seed=args.seed)
-        config = dataclasses.asdict(cfg)
+        config = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as it reads back from result.json
         print(f"\n=== {name}: {title}\n{cfg}")
         saved = out / name / "result.json"
         if saved.exists() and not args.force:

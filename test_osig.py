@@ -205,9 +205,9 @@ def test_per_example_grads_refuse_batchnorm_in_train_mode():
 
 # ----------------------------------------------------------------------------- training
 
-def small_problem(dtype=torch.float64):
+def small_problem(dtype=torch.float64, n=24):
     torch.manual_seed(0)
-    x, y = torch.randn(24, 3, 2, 2, dtype=dtype), torch.randint(0, 3, (24,))
+    x, y = torch.randn(n, 3, 2, 2, dtype=dtype), torch.randint(0, 3, (n,))
     model = osig.MLP(in_features=12, width=8, depth=2, num_classes=3).to(dtype)
     return model, x, y
 
@@ -396,6 +396,246 @@ def test_public_functions_work_when_pasted_alone():
             assert torch.equal(pasted(50, 5, seed=2), osig.seeded_subset(50, 5, seed=2))
         else:
             assert torch.equal(pasted(n=40)[0], osig.make_planted_images(n=40)[0])
+
+
+# ----------------------------------------------------------------------------- optimizers and preconditioned sharpness
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_preconditioned_eigenvalues_match_dense(chunk):
+    model, x, y = small_problem()
+    P = torch.rand(flat_params(model).numel(), dtype=torch.float64) * 10 + 0.1
+    H = dense_hessian(model, osig.cross_entropy_loss, x, y)
+    scale = P.rsqrt()
+    reference = np.sort(np.linalg.eigvalsh((scale[:, None] * H * scale[None, :]).numpy()))[::-1][:3]
+    values, vectors, _ = osig.preconditioned_top_eigenvalues(model, osig.cross_entropy_loss, x, y, P, k=3,
+                                                              chunk=chunk, iters=300, tol=1e-10)
+    assert np.allclose(values.numpy(), reference, rtol=1e-7)
+    # they are the eigenvalues of P^{-1} H too, with eigenvector s ⊙ w
+    direction = scale * vectors[:, 0]
+    assert torch.allclose((H @ direction) / P, values[0] * direction, atol=1e-7 * float(values[0]))
+
+
+def test_adam_preconditioner_is_bias_corrected_rms():
+    model, x, y = small_problem()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.8, 0.9), eps=1e-6)
+    assert osig.adam_preconditioner(opt) is None
+    squares = torch.zeros_like(flat_params(model))
+    for t in range(1, 4):
+        opt.zero_grad()
+        osig.cross_entropy_loss(model(x[8 * (t - 1):8 * t]), y[8 * (t - 1):8 * t]).mean().backward()
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        squares = 0.9 * squares + 0.1 * g ** 2
+        opt.step()
+    expected = (squares / (1 - 0.9 ** 3)).sqrt() + 1e-6
+    assert torch.allclose(osig.adam_preconditioner(opt), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_stability_threshold_on_a_quadratic(name):
+    """L = λ θ²/2 (P = 1 for Adam, as in a preconditioned-quadratic analysis): diverges just above the threshold."""
+    lr, momentum, betas = 0.1, 0.9, (0.9, 0.999)
+
+    def final_size(curvature):
+        if name == "sgd":
+            theta = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+            opt = torch.optim.SGD([theta], lr=lr, momentum=momentum)
+        for t in range(1, 3001):
+            if name == "sgd":
+                opt.zero_grad()
+                (0.5 * curvature * theta ** 2).sum().backward()
+                opt.step()
+                size = float(theta.detach().abs())
+            else:  # Adam's update with its preconditioner frozen at P = 1
+                theta, m = (1.0, 0.0) if t == 1 else (theta, m)
+                m = betas[0] * m + (1 - betas[0]) * curvature * theta
+                theta = theta - lr * m / (1 - betas[0] ** t)
+                size = abs(theta)
+            if size > 1e30:  # (bias correction makes the first steps 10x larger: a big transient)
+                return size
+        return size
+
+    threshold = osig.stability_threshold(name, lr, momentum, betas)
+    assert final_size(0.97 * threshold) < 1e-3 and final_size(1.03 * threshold) > 1e3
+
+
+# ----------------------------------------------------------------------------- SplitSGD
+
+def run_optimizer(make, steps=6, dtype=torch.float64):
+    model, x, y = small_problem(dtype)
+    opt = make(model.parameters())
+    for t in range(steps):
+        opt.zero_grad()
+        osig.cross_entropy_loss(model(x[4 * t % 24:4 * t % 24 + 8]), y[4 * t % 24:4 * t % 24 + 8]).mean().backward()
+        opt.step()
+    return flat_params(model), opt
+
+
+def test_split_sgd_with_q0_is_sgd_and_with_q1_is_adam():
+    split0, _ = run_optimizer(lambda p: osig.SplitSGD(p, lr=0.05, normalized_lr=0.01, quantile=0.0, momentum=0.9))
+    sgd, _ = run_optimizer(lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    assert torch.allclose(split0, sgd, rtol=0, atol=1e-14)
+    split1, _ = run_optimizer(lambda p: osig.SplitSGD(p, lr=0.05, normalized_lr=0.01, quantile=1.0,
+                                                       betas=(0.8, 0.99), eps=1e-7))
+    adam, _ = run_optimizer(lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.99), eps=1e-7))
+    assert torch.allclose(split1, adam, rtol=0, atol=1e-13)
+    start, _ = run_optimizer(lambda p: torch.optim.SGD(p, lr=0.0), steps=0)
+    assert (split1 - start).abs().max() > 1e-3  # it did move
+
+
+def test_split_sgd_normalizes_exactly_the_top_quantile():
+    _, opt = run_optimizer(lambda p: osig.SplitSGD(p, lr=0.05, normalized_lr=0.01, quantile=0.25))
+    for p in opt.param_groups[0]["params"]:
+        state = opt.state[p]
+        mask, v = state["normalized"], state["exp_avg_sq"]
+        assert int(mask.sum()) == round(0.25 * p.numel())
+        if mask.any() and (~mask).any():
+            assert v[mask].min() >= v[~mask].max()
+    # the preconditioner is 1 on the SGD coordinates and lr (sqrt(v̂) + ε) / (normalized_lr (1 − β1)) elsewhere
+    P = opt.preconditioner()
+    masks = torch.cat([opt.state[p]["normalized"].reshape(-1) for p in opt.param_groups[0]["params"]])
+    assert torch.all(P[~masks] == 1)
+    v = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1) for p in opt.param_groups[0]["params"]])
+    expected = 0.05 * ((v / (1 - 0.999 ** 6)).sqrt() + 1e-8) / (0.01 * 0.1)
+    assert torch.allclose(P[masks], expected[masks], rtol=1e-12)
+
+
+def test_top_quantile_mask_counts():
+    values = torch.tensor([[3.0, 1.0, 2.0], [5.0, 0.0, 4.0]])
+    assert osig.top_quantile_mask(values, 0.0).sum() == 0 and osig.top_quantile_mask(values, 1.0).all()
+    assert osig.top_quantile_mask(values, 0.5).tolist() == [[True, False, False], [True, False, True]]
+
+
+# ----------------------------------------------------------------------------- train with every optimizer
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "clip", "split"])
+def test_each_optimizer_trains_on_planted_images(optimizer):
+    images, labels, _ = osig.make_planted_images(n=200, seed=0)
+    x, _, _ = osig.normalize(images)
+    torch.manual_seed(0)
+    model = osig.MLP(3072, 32, 1, 10)
+    lr = {"sgd": 0.02, "adam": 1e-3, "clip": 0.02, "split": 0.02}[optimizer]
+    history = osig.train(model, x, labels, osig.cross_entropy_loss, optimizer, lr=lr, steps=30, batch_size=32,
+                          eig_every=10, eig_iters=30, record_every=3, log_every=0, clip_norm=0.5, split_lr=1e-3,
+                          preconditioned=optimizer in ("adam", "split"), record_sign_flips=True)
+    assert history["diverged"] is None
+    losses = history["per_example_loss"]
+    assert losses.shape == (10, 200) and losses[-1].mean() < losses[0].mean()
+    assert history["grad_norm"].shape == (30,) and np.all(history["grad_norm"] > 0)
+    flips = history["sign_flip"]
+    assert flips.shape == (30, 4) and np.all(np.isnan(flips[0])) and np.all(flips[1:] >= 0) and flips[1:].sum() > 0
+    if optimizer in ("adam", "split"):
+        pre = history["preconditioned_eigenvalues"]
+        assert pre.shape == (3, 1) and np.isnan(pre[0, 0]) and np.all(pre[1:] > 0)
+    assert history["threshold"] == osig.stability_threshold(optimizer, lr)
+
+
+def test_clip_caps_the_step_and_sign_flips_match_a_manual_count():
+    model, x, y = small_problem(torch.float64)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    history = osig.train(model, x, y, osig.cross_entropy_loss, "clip", lr=0.1, steps=2, batch_size=24, momentum=0.0,
+                          eig_every=0, log_every=0, clip_norm=1e-3, record_sign_flips=True)
+    after = flat_params(model)
+    model.load_state_dict(state)
+    grads = []
+    for _ in range(2):
+        model.zero_grad()
+        osig.cross_entropy_loss(model(x), y).mean().backward()  # batch = the whole set, reshuffled: same gradient
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        grads.append([p.grad.clone() for p in model.parameters()])
+        assert abs(float(g.norm()) - history["grad_norm"][len(grads) - 1]) < 1e-10
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad * min(1.0, 1e-3 / float(g.norm()))
+    assert torch.allclose(flat_params(model), after, atol=1e-13)
+    manual = [float(((a * b) < 0).sum()) for a, b in zip(grads[0], grads[1])]
+    assert history["sign_flip"][1].tolist() == manual
+
+
+def test_preconditioned_needs_an_adaptive_optimizer():
+    model, x, y = small_problem()
+    with pytest.raises(ValueError, match="adaptive"):
+        osig.train(model, x, y, osig.mse_loss, "sgd", steps=1, preconditioned=True, log_every=0)
+
+
+# ----------------------------------------------------------------------------- layers and groups
+
+def test_parameter_layers_and_shares():
+    torch.manual_seed(0)
+    mlp = osig.MLP(in_features=12, width=5, depth=2, num_classes=3)
+    names, index, sizes = osig.parameter_layers(mlp)
+    assert names == ["net.1", "net.3", "net.5"] and index.tolist() == [0, 0, 1, 1, 2, 2]
+    v = torch.zeros(int(sizes.sum()))
+    v[:60] = 1.0      # net.1.weight only
+    v[-1] = 2.0       # net.5.bias
+    assert np.allclose(osig.layer_shares(v, mlp), [60 / 64, 0, 4 / 64])
+    vit = osig.ViT(num_classes=3, image_size=4, patch=2, dim=8, depth=2, heads=2, mlp_ratio=2)
+    assert osig.parameter_layers(vit)[0] == ["position", "embed", "blocks.0", "blocks.1", "norm", "head"]
+
+
+def test_layer_sign_flip_rates():
+    torch.manual_seed(0)
+    mlp = osig.MLP(in_features=2, width=2, depth=1, num_classes=2)     # tensors: 2x2, 2, 2x2, 2
+    flips = np.array([[np.nan] * 4, [4, 0, 0, 2], [2, 2, 4, 0]], dtype=np.float64)
+    assert np.allclose(osig.layer_sign_flip_rates(flips, mlp), [8 / 12, 6 / 12])
+
+
+def test_opposing_group_oscillation_detects_planted_antiphase_groups():
+    rng = np.random.default_rng(0)
+    R, N = 200, 1000
+    losses = 1.0 + 0.01 * rng.standard_normal((R, N))
+    wave = 0.3 * (-1.0) ** np.arange(R)
+    losses[:, :20] += wave[:, None]                 # group A oscillates
+    losses[:, 20:40] -= wave[:, None]               # group B in anti-phase
+    result = osig.opposing_group_oscillation(losses, top=40, window=20)
+    assert result["median_relative"] > 10 and result["median_correlation"] < -0.9
+    assert result["median_relative_matched"] > 10      # the planted groups have the same mean loss as the rest
+    # without the planted groups, the selected examples are no different from random ones (longer records:
+    # each ratio is a noisy estimate)
+    R = 600
+    null = osig.opposing_group_oscillation(1.0 + 0.01 * rng.standard_normal((R, N)), top=40, window=60)
+    assert 0.8 < null["median_relative"] < 1.25 and abs(null["median_correlation"]) < 0.3
+    assert 0.8 < null["median_relative_matched"] < 1.25
+    # examples that move in proportion to their loss level: the random control is fooled, the loss-matched
+    # one is not
+    level = rng.uniform(0.1, 3.0, N)
+    biased = osig.opposing_group_oscillation(level * (1.0 + 0.05 * rng.standard_normal((R, N))), top=40, window=60)
+    assert biased["median_relative"] > 1.3 and 0.8 < biased["median_relative_matched"] < 1.25
+
+
+# ----------------------------------------------------------------------------- copy-paste contract and compatibility
+
+def test_optimizer_functions_work_when_pasted_alone():
+    header = ("import math, time\nimport numpy as np\nimport torch\nimport torch.nn as nn\n"
+              "import torch.nn.functional as F\n")
+    model, x, y = small_problem()
+    P = torch.rand(flat_params(model).numel(), dtype=torch.float64) + 0.5
+    needs = {"preconditioned_top_eigenvalues": [osig.hvp, osig.lanczos], "layer_shares": [osig.parameter_layers],
+             "layer_sign_flip_rates": [osig.parameter_layers]}
+    for function in (osig.top_quantile_mask, osig.stability_threshold, osig.adam_preconditioner,
+                     osig.preconditioned_top_eigenvalues, osig.parameter_layers, osig.layer_shares,
+                     osig.layer_sign_flip_rates, osig.opposing_group_oscillation):
+        namespace = {}
+        source = "\n".join(inspect.getsource(f) for f in needs.get(function.__name__, []) + [function])
+        exec(header + source, namespace)
+        pasted = namespace[function.__name__]
+        if function is osig.preconditioned_top_eigenvalues:
+            assert torch.equal(pasted(model, osig.mse_loss, x, y, P)[0], function(model, osig.mse_loss, x, y, P)[0])
+        elif function is osig.top_quantile_mask:
+            assert torch.equal(pasted(P, 0.3), function(P, 0.3))
+        elif function is osig.stability_threshold:
+            assert pasted("adam", 0.01) == function("adam", 0.01)
+        elif function is osig.adam_preconditioner:
+            assert pasted(torch.optim.Adam(model.parameters())) is None
+        elif function is osig.parameter_layers:
+            assert pasted(model)[0] == function(model)[0]
+        elif function is osig.layer_shares:
+            assert np.array_equal(pasted(P, model), function(P, model))
+        elif function is osig.layer_sign_flip_rates:
+            flips = np.ones((3, 6))
+            assert np.array_equal(pasted(flips, model), function(flips, model))
+        else:
+            losses = np.random.default_rng(0).standard_normal((50, 30))
+            assert pasted(losses, top=6, window=5)["median_relative"] == function(losses, top=6, window=5)["median_relative"]
 
 
 # ----------------------------------------------------------------------------- outliers and opposing groups
@@ -689,3 +929,13 @@ def test_run_all_smoke_mechanism_experiments(tmp_path):
     linear = {c["name"]: c for c in read_record(tmp_path, "linear")["criteria"]}
     assert linear["control alpha: max sharpness / (2/lr)"]["met"]
     assert linear["large lr: max sharpness / (2/lr)"]["met"]
+
+
+def test_run_all_smoke_optimizers(tmp_path):
+    import run_all
+    assert run_all.main(["--profile", "smoke", "--out", str(tmp_path), "--only", "optimizers"]) == 0
+    record = read_record(tmp_path, "optimizers")
+    assert record["status"] == "done" and len(record["criteria"]) == 4
+    assert all((tmp_path / "optimizers" / figure).stat().st_size > 1000 for figure in record["figures"])
+    table = (tmp_path / "optimizers" / "table.md").read_text()
+    assert all(f"| {name} |" in table for name in ("sgd", "adam", "clip", "split"))
