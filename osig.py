@@ -478,13 +478,19 @@ def power_iteration(matvec, dim, iters=1000, tol=1e-6, seed=0, v0=None, dtype=to
     return eigenvalue, v, False, iters
 
 
-def top_eigenvalues(model, loss_fn, x, y, k=1, chunk=None, iters=100, tol=1e-3, seed=0, v0=None):
-    """Sharpness: the k largest eigenvalues of the Hessian of the mean loss over (x, y).
+def top_eigenvalues(model, loss_fn, x, y, k=1, chunk=None, iters=100, tol=1e-3, seed=0, v0=None,
+                    preconditioner=None):
+    """Sharpness: the k largest eigenvalues of the Hessian H of the mean loss over (x, y).
 
     Runs `lanczos` on Hessian-vector products. When the examples fit in one chunk (chunk None or
     >= len(x)) the gradient graph g = ∇L is built once and every product is one backward pass of
     <g, v> through it (instead of forward + backward + double backward each time); otherwise each
     product is `hvp` chunk by chunk. BN is treated as in `hvp`; buffers and mode are restored.
+
+    preconditioner: a diagonal P [num params] > 0 (e.g. `adam_preconditioner`). Then the eigenvalues
+    are those of P^{-1/2} H P^{-1/2}, the sharpness an adaptive optimizer actually sees: `lanczos`
+    runs on the symmetric u -> s ⊙ H (s ⊙ u), s = P^{-1/2}, whose eigenvalues are those of P^{-1} H
+    (similar matrices); its eigenvectors w are in whitened coordinates (s ⊙ w is a parameter direction).
 
     Returns eigenvalues float64 [k] (descending), eigenvectors [P, k] and Ritz residuals [k].
     Needs `hvp` and `lanczos`.
@@ -497,14 +503,20 @@ def top_eigenvalues(model, loss_fn, x, y, k=1, chunk=None, iters=100, tol=1e-3, 
             loss = loss_fn(model(x), y).mean()
             grads = torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True)
 
-            def matvec(v):
+            def hessian_times(v):
                 directions = [d.view_as(p) for d, p in zip(torch.split(v, sizes), params)]
                 hv = torch.autograd.grad(grads, params, grad_outputs=directions, retain_graph=True,
                                          materialize_grads=True)
                 return torch.cat([h.reshape(-1) for h in hv])
         else:
-            def matvec(v):
+            def hessian_times(v):
                 return hvp(model, loss_fn, x, y, v, chunk)
+        matvec = hessian_times
+        if preconditioner is not None:
+            scale = preconditioner.to(device=params[0].device, dtype=params[0].dtype).rsqrt()
+
+            def matvec(u):
+                return scale * hessian_times(scale * u)
         return lanczos(matvec, sum(sizes), k=k, iters=iters, tol=tol, seed=seed, v0=v0,
                        dtype=params[0].dtype, device=params[0].device)
     finally:
@@ -584,7 +596,8 @@ def per_example_directional_derivatives(model, loss_fn, x, y, directions, chunk=
 #
 # Adam divides each coordinate's step by the running RMS of its gradient; plain SGD does not. What an
 # optimizer "sees" as sharpness is then the top eigenvalue of P^{-1/2} H P^{-1/2}, P its diagonal
-# preconditioner, to be compared with its own stability threshold. SplitSGD (OUR RECONSTRUCTION of the
+# preconditioner (`top_eigenvalues(..., preconditioner=P)`), to be compared with its own stability
+# threshold. SplitSGD (OUR RECONSTRUCTION of the
 # paper's proposal) gives Adam's step only to the coordinates with the largest gradients.
 
 
@@ -721,49 +734,6 @@ def stability_threshold(optimizer, lr, momentum=0.9, betas=(0.9, 0.999)):
     raise ValueError(f"unknown optimizer {optimizer!r}")
 
 
-def preconditioned_top_eigenvalues(model, loss_fn, x, y, preconditioner, k=1, chunk=None, iters=100, tol=1e-3,
-                                   seed=0, v0=None):
-    """Top k eigenvalues of P^{-1/2} H P^{-1/2}: the sharpness an adaptive optimizer actually sees.
-
-    H is the Hessian of the mean loss over (x, y); P [num params] > 0 a diagonal preconditioner (e.g.
-    `adam_preconditioner`). `lanczos` runs on the wrapped matvec u -> s ⊙ H (s ⊙ u), s = P^{-1/2}, which
-    is symmetric, so its eigenvalues are those of P^{-1} H (similar matrices). As in `top_eigenvalues`,
-    the gradient graph is built once when the examples fit in one chunk, else each product is `hvp`.
-    BN buffers and mode are restored.
-
-    Returns eigenvalues float64 [k] (descending), eigenvectors [P, k] in the whitened coordinates (map
-    one to a parameter direction with s ⊙ w) and Ritz residuals [k]. Needs `hvp` and `lanczos`.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    sizes = [p.numel() for p in params]
-    scale = preconditioner.to(device=params[0].device, dtype=params[0].dtype).rsqrt()
-    saved_buffers, was_training = [b.detach().clone() for b in model.buffers()], model.training
-    try:
-        if chunk is None or chunk >= len(x):
-            grads = torch.autograd.grad(loss_fn(model(x), y).mean(), params, create_graph=True,
-                                        materialize_grads=True)
-
-            def hessian_times(v):
-                directions = [d.view_as(p) for d, p in zip(torch.split(v, sizes), params)]
-                hv = torch.autograd.grad(grads, params, grad_outputs=directions, retain_graph=True,
-                                         materialize_grads=True)
-                return torch.cat([h.reshape(-1) for h in hv])
-        else:
-            def hessian_times(v):
-                return hvp(model, loss_fn, x, y, v, chunk)
-
-        def matvec(u):
-            return scale * hessian_times(scale * u.to(scale.dtype))
-
-        return lanczos(matvec, sum(sizes), k=k, iters=iters, tol=tol, seed=seed, v0=v0,
-                       dtype=params[0].dtype, device=params[0].device)
-    finally:
-        with torch.no_grad():
-            for buffer, saved in zip(model.buffers(), saved_buffers):
-                buffer.copy_(saved)
-        model.train(was_training)
-
-
 # ----------------------------------------------------------------------------- 7. Training
 
 def train(model, x, y, loss_fn, optimizer="gd", lr=0.01, steps=1000, batch_size=128, momentum=0.9,
@@ -802,7 +772,7 @@ def train(model, x, y, loss_fn, optimizer="gd", lr=0.01, steps=1000, batch_size=
     (float32), probe_output [T, P, C], eig_step, eigenvalues [E, k], record_step, preconditioned_eigenvalues
     [E, k] (with preconditioned), sign_flip [T, n_tensors] (with record_sign_flips), threshold (float),
     and "diverged" (None or str). Needs `top_eigenvalues` (and through it `hvp`, `lanczos`), `SplitSGD`,
-    `adam_preconditioner`, `preconditioned_top_eigenvalues`, `stability_threshold`.
+    `adam_preconditioner`, `stability_threshold`.
     """
     if optimizer not in ("gd", "sgd", "adam", "clip", "split"):
         raise ValueError(f"unknown optimizer {optimizer!r}: use 'gd', 'sgd', 'adam', 'clip' or 'split'")
@@ -883,9 +853,9 @@ def train(model, x, y, loss_fn, optimizer="gd", lr=0.01, steps=1000, batch_size=
                 if P is None:
                     record["preconditioned_eigenvalues"].append([float("nan")] * eig_k)
                 else:
-                    values, preconditioned_vectors, _ = preconditioned_top_eigenvalues(
-                        model, loss_fn, eig_x, eig_y, P, k=eig_k, chunk=chunk, iters=eig_iters, seed=seed,
-                        v0=preconditioned_vectors)
+                    values, preconditioned_vectors, _ = top_eigenvalues(
+                        model, loss_fn, eig_x, eig_y, k=eig_k, chunk=chunk, iters=eig_iters, seed=seed,
+                        v0=preconditioned_vectors, preconditioner=P)
                     record["preconditioned_eigenvalues"].append(values.tolist())
             if callback is not None:
                 record["callback"].append(callback(step, model, eigenvalues, eigenvectors))

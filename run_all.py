@@ -14,6 +14,7 @@ Sections: utilities, configs, experiments, benchmark, report, main.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -60,6 +61,17 @@ def save_npz(path, **arrays):
 def save_figure(fig, path):
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run tiny float64 problems on one thread: with several, synchronization costs more than the arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def criterion(name, value, target, met=None, log=print, where=""):
@@ -462,10 +474,7 @@ def linear_run(cfg, alpha, lr, steps, log):
 
 def run_linear(cfg, out, log=print):
     """Experiment `linear`: sharpness formula, progressive sharpening, edge of stability and its control."""
-    # tiny float64 problems: with several threads, synchronization costs more than the arithmetic
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         start = time.time()
@@ -560,8 +569,6 @@ def run_linear(cfg, out, log=print):
                    f"{hover:.1%} of 2/lr. With α = {cfg.control_alpha} the sharpness peaks at "
                    f"{control['sharpness'].max():.1f} and nothing oscillates.")
         return {"criteria": criteria, "figures": [figure.name, "linear_zoom.png"], "summary": summary}
-    finally:
-        torch.set_num_threads(threads)
 
 
 def plot_linear(runs, path, zoom_path):
@@ -653,10 +660,7 @@ def toy_run(cfg, alpha, log):
 
 def run_toy(cfg, out, log=print):
     """Experiment `toy`: a small ReLU network sharpens on a rare opposing input, oscillates at 2/lr, and its control."""
-    # tiny float64 problems: with several threads, synchronization costs more than the arithmetic
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         start = time.time()
@@ -719,8 +723,6 @@ def run_toy(cfg, out, log=print):
                    f"|x_0| is learned (step {half_learned}), after which the groups move in phase ({alternation_after:.0%}). "
                    f"The sharpness does not fall afterwards: it stays at {late:.2f}x 2/lr.")
         return {"criteria": criteria, "figures": [figure.name], "summary": summary}
-    finally:
-        torch.set_num_threads(threads)
 
 
 def plot_toy(toy, control, path):

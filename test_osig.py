@@ -407,7 +407,7 @@ def test_preconditioned_eigenvalues_match_dense(chunk):
     H = dense_hessian(model, osig.cross_entropy_loss, x, y)
     scale = P.rsqrt()
     reference = np.sort(np.linalg.eigvalsh((scale[:, None] * H * scale[None, :]).numpy()))[::-1][:3]
-    values, vectors, _ = osig.preconditioned_top_eigenvalues(model, osig.cross_entropy_loss, x, y, P, k=3,
+    values, vectors, _ = osig.top_eigenvalues(model, osig.cross_entropy_loss, x, y, preconditioner=P, k=3,
                                                               chunk=chunk, iters=300, tol=1e-10)
     assert np.allclose(values.numpy(), reference, rtol=1e-7)
     # they are the eigenvalues of P^{-1} H too, with eigenvector s ⊙ w
@@ -609,17 +609,18 @@ def test_optimizer_functions_work_when_pasted_alone():
               "import torch.nn.functional as F\n")
     model, x, y = small_problem()
     P = torch.rand(flat_params(model).numel(), dtype=torch.float64) + 0.5
-    needs = {"preconditioned_top_eigenvalues": [osig.hvp, osig.lanczos], "layer_shares": [osig.parameter_layers],
+    needs = {"top_eigenvalues": [osig.hvp, osig.lanczos], "layer_shares": [osig.parameter_layers],
              "layer_sign_flip_rates": [osig.parameter_layers]}
     for function in (osig.top_quantile_mask, osig.stability_threshold, osig.adam_preconditioner,
-                     osig.preconditioned_top_eigenvalues, osig.parameter_layers, osig.layer_shares,
+                     osig.top_eigenvalues, osig.parameter_layers, osig.layer_shares,
                      osig.layer_sign_flip_rates, osig.opposing_group_oscillation):
         namespace = {}
         source = "\n".join(inspect.getsource(f) for f in needs.get(function.__name__, []) + [function])
         exec(header + source, namespace)
         pasted = namespace[function.__name__]
-        if function is osig.preconditioned_top_eigenvalues:
-            assert torch.equal(pasted(model, osig.mse_loss, x, y, P)[0], function(model, osig.mse_loss, x, y, P)[0])
+        if function is osig.top_eigenvalues:
+            assert torch.equal(pasted(model, osig.mse_loss, x, y, preconditioner=P)[0],
+                               function(model, osig.mse_loss, x, y, preconditioner=P)[0])
         elif function is osig.top_quantile_mask:
             assert torch.equal(pasted(P, 0.3), function(P, 0.3))
         elif function is osig.stability_threshold:
