@@ -559,11 +559,15 @@ def per_example_grads(model, loss_fn, x, y, chunk=256):
         return loss_fn(functional_call(model, (params, buffers), (xi.unsqueeze(0),)), yi.unsqueeze(0)).sum()
 
     grad_per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
-    rows = []
+    sizes = [p.numel() for p in params.values()]
+    # written straight into one [N, P] matrix: for wide layers the copies, not the arithmetic, dominate
+    first = next(iter(params.values()))
+    result = torch.empty(len(x), sum(sizes), dtype=first.dtype, device=first.device)
     for start in range(0, len(x), chunk):
         grads = grad_per_example(params, x[start:start + chunk], y[start:start + chunk])
-        rows.append(torch.cat([g.reshape(len(g), -1) for g in grads.values()], dim=1))
-    return torch.cat(rows)
+        for column, g in zip(np.cumsum([0] + sizes[:-1]), grads.values()):
+            result[start:start + len(g), column:column + g[0].numel()] = g.reshape(len(g), -1)
+    return result
 
 
 def per_example_directional_derivatives(model, loss_fn, x, y, directions, chunk=1024):
