@@ -11,7 +11,7 @@ Read it top to bottom; every section only uses what came before it.
   3. Losses          per-example MSE and cross-entropy.
   4. Curvature       Hessian-vector products, hand-written Lanczos and power iteration, sharpness.
   5. Per-example     per-example losses, gradients (vmap) and directional derivatives (jvp).
-  6. Optimizers      split-update SGD, Adam's preconditioner, preconditioned sharpness, thresholds.
+  6. Optimizers      split-update SGD, Adam's preconditioner, stability thresholds.
   7. Training        full-batch GD, SGD (momentum, clipping, split update) and Adam, recording every step.
   8. Outliers        loss spikes, edge of stability, heavy tails, opposing groups, the sky feature.
   9. Linear model    a two-layer linear network with an opposing feature: sharpness in closed form.
@@ -758,8 +758,9 @@ def train(model, x, y, loss_fn, optimizer="gd", lr=0.01, steps=1000, batch_size=
                        split_quantile, momentum and β1 = betas[0]) on the same minibatches.
     Every step records, at the parameters θ_t before the update: the loss and accuracy (full
     training set for gd, the minibatch otherwise; nan for a single-output regression model), the norm
-    |g_t| of the (unclipped) gradient, and the outputs on `probes` [P, ...] if given; with record_sign_flips, per parameter tensor the number of
-    coordinates whose gradient sign is opposite to the previous step's (nan at step 0).
+    |g_t| of the (unclipped) gradient, and the outputs on `probes` [P, ...] if given; with
+    record_sign_flips, per parameter tensor the number of coordinates whose gradient sign is
+    opposite to the previous step's (nan at step 0).
     Every `record_every` steps (default: every step) it records the per-example losses of all N
     training examples: for gd from the step's own forward pass (no extra pass), otherwise by
     an extra forward pass over the whole set. Every `eig_every` steps: the top `eig_k` Hessian
@@ -843,7 +844,7 @@ def train(model, x, y, loss_fn, optimizer="gd", lr=0.01, steps=1000, batch_size=
         if not math.isfinite(loss):
             sharpness = record["eigenvalues"][-1][0] if record["eigenvalues"] else float("nan")
             record["diverged"] = (f"training diverged at step {step} (loss {loss}): lr={lr} is too large "
-                                  f"(last sharpness {sharpness:.1f}, 2/lr = {2 / lr:.1f}); lower lr. "
+                                  f"(last sharpness {sharpness:.1f}, stability threshold {threshold:.1f}); lower lr. "
                                   f"Steps 0..{step - 1} are kept.")
             log(record["diverged"])
             break
