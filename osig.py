@@ -1244,16 +1244,17 @@ def consecutive_sign_changes(values, mask):
 
 
 def make_toy_network(in_features, width=16, weight_scale=0.05, output_scale=0.1, hidden_bias=0.7, seed=0,
-                     dtype=torch.float64):
-    """A one-hidden-layer ReLU MLP (osig.MLP, depth 1, one output) that starts linear in the opposing input.
+                     num_outputs=1, dtype=torch.float64):
+    """A one-hidden-layer ReLU MLP (osig.MLP, depth 1) that starts linear in the opposing input.
 
-    PyTorch's default init, then: first-layer weights times weight_scale, output weights times
-    output_scale (a small init, so the network learns its features progressively), hidden biases set
-    to hidden_bias > 0 and output bias 0. With weight_scale·α well below hidden_bias every unit is
-    active on both signs of x_0 at init. Needs `MLP`.
+    num_outputs: 1 for the squared-error toy, 2 for its two-class cross-entropy version. PyTorch's
+    default init, then: first-layer weights times weight_scale, output weights times output_scale (a
+    small init, so the network learns its features progressively), hidden biases set to hidden_bias
+    > 0 and output biases 0. With weight_scale·α well below hidden_bias every unit is active on both
+    signs of x_0 at init. Needs `MLP`.
     """
     torch.manual_seed(seed)
-    model = MLP(in_features=in_features, width=width, depth=1, num_classes=1).to(dtype)
+    model = MLP(in_features=in_features, width=width, depth=1, num_classes=num_outputs).to(dtype)
     hidden, output = model.net[1], model.net[3]
     with torch.no_grad():
         hidden.weight.mul_(weight_scale)
@@ -1291,16 +1292,25 @@ def odd_even_parts(probe_outputs, grid, alpha):
 def opposing_curvature(model, x, feature=0):
     """Top eigenvalue of M, the Gauss-Newton curvature of the first-layer column that reads x_feature.
 
-    For f(x) = vᵀ relu(U x + c) + c_2 (osig.MLP with depth 1 and one output, e.g. make_toy_network):
-    M_jk = (1/N) Σ_i x_{i,f}² v_j v_k 1_j(x_i) 1_k(x_i), 1_j(x) = [unit j is active on x]. Its top
-    eigenvalue is the curvature of the mean squared error along the best direction of U[:, f]; it
-    equals p α² |v|² when every unit is active on every outlier (the linear model's prediction with b = v),
-    and is smaller when units are gated off for one sign. OUR RECONSTRUCTION. Returns a float.
+    For f(x) = Vᵀ relu(U x + c) + c_2 (osig.MLP with depth 1, e.g. make_toy_network) with one output
+    v (squared error): M_jk = (1/N) Σ_i x_{i,f}² v_j v_k 1_j(x_i) 1_k(x_i), 1_j(x) = [unit j is active
+    on x]. Its top eigenvalue is the curvature of the mean loss along the best direction of U[:, f];
+    it equals p α² |v|² when every unit is active on every outlier (the linear model's prediction
+    with b = v), and is smaller when units are gated off for one sign. With two outputs (two-class
+    cross-entropy) the loss depends on the logit difference only, with curvature p_i(1 - p_i)
+    (p_i = softmax probability): v becomes v_1 - v_0 and example i is weighted by p_i(1 - p_i), which
+    goes to 0 as the example is fit with a large margin. OUR RECONSTRUCTION. Returns a float.
     """
     hidden, output = model.net[1], model.net[3]
     with torch.no_grad():
         active = (x @ hidden.weight.T + hidden.bias > 0).to(x.dtype)            # [N, width]
-        rows = x[:, feature:feature + 1] * active * output.weight[0]             # [N, width]: ∂f/∂U[j, f]
+        if output.weight.shape[0] == 1:
+            direction, weight = output.weight[0], torch.ones(len(x), dtype=x.dtype)
+        else:
+            direction = output.weight[1] - output.weight[0]
+            probability = torch.softmax(model(x), dim=-1)[:, 1]
+            weight = probability * (1 - probability)
+        rows = x[:, feature:feature + 1] * active * direction * weight.sqrt()[:, None]   # ∂(f or f_1 - f_0)/∂U[j, f]
         return float(torch.linalg.eigvalsh(rows.T @ rows / len(x))[-1])
 
 

@@ -133,7 +133,12 @@ class LinearConfig:
 
 @dataclass
 class ToyConfig:
-    """One-hidden-layer ReLU MLP on osig.make_opposing_signal_data (target offset on |x_0|); GD at one lr, plus a control α."""
+    """One-hidden-layer ReLU MLP on osig.make_opposing_signal_data (target offset on |x_0|); GD at one lr, plus a control α.
+
+    loss "mse" regresses the target; "ce" classifies its sign (class 1 iff βᵀx_g + offset·|s| > 0) with
+    two-class cross-entropy, whose curvature p(1 - p) vanishes on examples fit with a large margin."""
+    name: str = "toy"
+    loss: str = "mse"
     n_pairs: int = 100              # p = 2 n_pairs / N = 1/3
     n_plain: int = 400
     alpha: float = 8.0
@@ -630,18 +635,22 @@ def plot_linear(runs, path, zoom_path):
 def toy_run(cfg, alpha, log):
     """Full-batch GD on the toy network; every step records sharpness, x_0 curvature, group statistics and probes."""
     x, y, sign = osig.make_opposing_signal_data(cfg.n_pairs, cfg.n_plain, alpha, cfg.scales, offset=cfg.offset, seed=cfg.seed)
-    model = osig.make_toy_network(x.shape[1], cfg.width, cfg.weight_scale, cfg.output_scale, cfg.hidden_bias, cfg.seed)
+    loss_fn, outputs = osig.regression_loss, 1
+    if cfg.loss == "ce":
+        y, loss_fn, outputs = (y > 0).long(), osig.cross_entropy_loss, 2
+    model = osig.make_toy_network(x.shape[1], cfg.width, cfg.weight_scale, cfg.output_scale, cfg.hidden_bias, cfg.seed,
+                                  num_outputs=outputs)
     probes, grid = osig.opposing_probes(alpha, x.shape[1])
     plus, minus = sign > 0, sign < 0
     hidden = model.net[1]
 
     def record(step, model, eigenvalues, eigenvectors):
-        grad_plus, grad_minus = osig.group_gradients(model, osig.regression_loss, x, y, [plus, minus])
+        grad_plus, grad_minus = osig.group_gradients(model, loss_fn, x, y, [plus, minus])
         # the first-layer column that reads x_0: its entries sit at positions j·d of the flat weight
         column = slice(0, cfg.width * x.shape[1], x.shape[1])
         g_plus, g_minus = grad_plus[column], grad_minus[column]
         with torch.no_grad():
-            losses = osig.regression_loss(model(x), y)
+            losses = loss_fn(model(x), y)
             active = hidden(x) > 0
             return {"loss_plus": float(losses[plus].mean()), "loss_minus": float(losses[minus].mean()),
                     "opposing_curvature": osig.opposing_curvature(model, x),
@@ -649,13 +658,24 @@ def toy_run(cfg, alpha, log):
                     "column_cancellation": float((g_plus + g_minus).norm() / (g_plus.norm() + g_minus.norm() + 1e-300)),
                     "active_both": float((active[plus] & active[minus]).float().mean())}
 
-    history = osig.train(model, x, y, osig.regression_loss, optimizer="gd", lr=cfg.lr, steps=cfg.steps, eig_every=1,
+    history = osig.train(model, x, y, loss_fn, optimizer="gd", lr=cfg.lr, steps=cfg.steps, eig_every=1,
                          callback=record, probes=probes, log_every=cfg.steps // 4, seed=cfg.seed, log=log)
     run = {key: np.array([entry[key] for entry in history["callback"]]) for key in history["callback"][0]}
-    odd, even = osig.odd_even_parts(history["probe_output"][:, :, 0], grid.numpy(), alpha)
-    run.update(loss=history["loss"], sharpness=history["eigenvalues"][:, 0], probe_output=history["probe_output"][:, :, 0],
-               grid=grid.numpy(), odd=odd, even=even, alpha=alpha, lr=cfg.lr, offset=cfg.offset)
+    # the network's use of x_0: its output, or for two classes the logit difference f_1 - f_0
+    probe_output = history["probe_output"][:, :, -1] - (history["probe_output"][:, :, 0] if outputs == 2 else 0)
+    odd, even = osig.odd_even_parts(probe_output, grid.numpy(), alpha)
+    run.update(loss=history["loss"], sharpness=history["eigenvalues"][:, 0], probe_output=probe_output,
+               grid=grid.numpy(), odd=odd, even=even, alpha=alpha, lr=cfg.lr, offset=cfg.offset, loss_name=cfg.loss)
     return run
+
+
+def half_learned_step(even):
+    """First step at which the network's |x_0| (even) response reaches half its final value.
+
+    For the squared-error toy the final value is the target offset; for the cross-entropy toy it is
+    the margin the network ends with. Returns len(even) if it never does."""
+    learned = np.asarray(even) >= even[-1] / 2 if even[-1] > 0 else np.zeros(len(even), dtype=bool)
+    return int(np.argmax(learned)) if learned.any() else len(even)
 
 
 def run_toy(cfg, out, log=print):
@@ -675,8 +695,7 @@ def run_toy(cfg, out, log=print):
         criteria = []
         crossed = bool((toy["sharpness"] > edge).any())
         crossing = int(np.argmax(toy["sharpness"] > edge)) if crossed else len(toy["loss"])
-        learned = toy["even"] >= cfg.offset / 2
-        half_learned = int(np.argmax(learned)) if learned.any() else len(toy["loss"])
+        half_learned = half_learned_step(toy["even"])
         early = slice(1, crossing)
         cosine = float(np.median(toy["column_cosine"][early]))
         criteria.append(criterion("before 2/lr: median cosine between the two groups' gradients on the x_0 weights",
@@ -714,8 +733,8 @@ def run_toy(cfg, out, log=print):
                                                 for key, value in run.items()})
         elapsed = time.time() - start
         log(f"toy: done in {elapsed:.0f}s")
-        summary = (f"ReLU MLP (width {cfg.width}) with x_0 = ±{cfg.alpha:g} on 1/3 of the examples and a target offset "
-                   f"{cfg.offset:g} on |x_0|. Before the edge the two groups' gradients on the x_0 weights cancel (median "
+        summary = (f"ReLU MLP (width {cfg.width}, {'squared error' if cfg.loss == 'mse' else 'two-class cross-entropy'}) "
+                   f"with x_0 = ±{cfg.alpha:g} on 1/3 of the examples and a target offset {cfg.offset:g} on |x_0|. Before the edge the two groups' gradients on the x_0 weights cancel (median "
                    f"cosine {cosine:.3f}) and their losses stay balanced; the sharpness rises {rise / control_rise:.0f}x more "
                    f"than with α = {cfg.control_alpha:g}, tracks the x_0-column curvature (median error {curvature_error:.1%} "
                    f"after the edge) and crosses 2/lr = {edge:g} at step {crossing}; the probe's odd part then flips on "
@@ -730,8 +749,7 @@ def plot_toy(toy, control, path):
     edge = 2 / toy["lr"]
     steps = np.arange(len(toy["loss"]))
     crossing = int(np.argmax(toy["sharpness"] > edge)) if (toy["sharpness"] > edge).any() else len(steps) - 1
-    learned = toy["even"] >= toy["offset"] / 2
-    half_learned = int(np.argmax(learned)) if learned.any() else len(steps) - 1
+    half_learned = min(half_learned_step(toy["even"]), len(steps) - 1)
     episode = osig.oscillation_episode(toy["loss_plus"], toy["loss_minus"], toy["sharpness"], edge) & (steps < half_learned)
     gap = np.where(episode, np.abs(toy["loss_plus"] - toy["loss_minus"]), -1)
     center = int(np.argmax(gap)) if episode.any() else crossing
@@ -764,7 +782,8 @@ def plot_toy(toy, control, path):
     ax.plot(steps, toy["odd"], color="tab:brown", lw=0.3, label="odd part (f(αe_0) − f(−αe_0))/2: linear use of x_0")
     ax.plot(steps, toy["even"], color="tab:purple", lw=1.2,
             label="even part (f(αe_0) + f(−αe_0))/2 − f(0): |x_0| use")
-    ax.axhline(toy["offset"], color="tab:purple", ls=":", lw=0.8, label="|x_0| target offset")
+    if toy["loss_name"] == "mse":
+        ax.axhline(toy["offset"], color="tab:purple", ls=":", lw=0.8, label="|x_0| target offset")
     mark(ax)
     ax.set_xlabel("step")
     ax.legend(fontsize=8, loc="upper right")
@@ -796,7 +815,7 @@ def plot_toy(toy, control, path):
     for value in (toy["alpha"], -toy["alpha"]):
         ax.axvline(value, color="gray", lw=0.5, ls=":")
     ax.set_xlabel("x_0 (probe input, all other inputs 0)")
-    ax.set_ylabel("network output")
+    ax.set_ylabel("network output (two classes: f_1 - f_0)")
     ax.set_title("f(x_0 e_0) at a few moments (dashed: the step after the previous one)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -1275,8 +1294,11 @@ def experiment_plan(profile, data):
         ce = OpposingConfig(name="cifar_ce", data=data, activation="tanh", loss="ce", lr=0.05, steps=700,
                             eig_k=1, eos_by=500)
     linear, toy, optimizers = LinearConfig(), ToyConfig(), [OptimizersConfig()]
+    # the cross-entropy toy: the outliers' curvature p(1 - p) can vanish once |x_0| is used
+    toy_ce = ToyConfig(name="toy_ce", loss="ce", offset=0.75, hidden_bias=0.3, lr=0.2)
     if profile == "smoke":
         linear, toy = LinearConfig(large_steps=400, small_steps=1000), ToyConfig(steps=600)
+        toy_ce = dataclasses.replace(toy_ce, steps=600)
         optimizers = [OPTIMIZERS_SMOKE]
     elif profile == "gpu":
         optimizers = [OPTIMIZERS_GPU_VIT, OPTIMIZERS_GPU_RESNET18]
@@ -1286,6 +1308,8 @@ def experiment_plan(profile, data):
                    "self-stabilization, and a control.", linear, lambda cfg, out, device: run_linear(cfg, out), False),
         ("toy", "The mechanism in a small ReLU network on a rare, large input: sharpening, anti-phase group losses, "
                 "a flipping probe, and a control.", toy, lambda cfg, out, device: run_toy(cfg, out), False),
+        ("toy_ce", "The same toy classified with cross-entropy: the outliers' curvature vanishes once the network "
+                   "uses |x_0|, so the sharpness falls.", toy_ce, lambda cfg, out, device: run_toy(cfg, out), False),
         ("cifar_mse", "Issue 3 phenomena, MSE: edge of stability, heavy-tailed loss changes, opposing groups, "
                       "the sky feature and its probe.", mse, run_opposing, data == "cifar10"),
         ("cifar_ce", "Issue 3 phenomena, cross-entropy: the gradient pairing of the opposing groups.",

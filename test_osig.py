@@ -821,14 +821,19 @@ def test_period_two_flips_for_large_lr_and_none_for_small_lr():
         assert np.allclose(run["difference"], -2 * 6.0 * 0.5 * run["w_o"], atol=1e-9)
 
 
-def test_toy_curvature_is_the_exact_hessian_block_of_the_x0_column():
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_toy_curvature_is_the_exact_hessian_block_of_the_x0_column(outputs):
+    # f is piecewise linear in the first-layer weights, so that block of the Hessian is exactly
+    # Gauss-Newton: squared error with one output, two-class cross-entropy with two
     x, y, sign = small_data(alpha=8.0)
-    model = make_toy_network(x.shape[1], width=6, weight_scale=1.0, hidden_bias=0.1, seed=1)
+    loss_fn = regression_loss if outputs == 1 else osig.cross_entropy_loss
+    targets = y if outputs == 1 else (y > 0).long()
+    model = make_toy_network(x.shape[1], width=6, weight_scale=1.0, hidden_bias=0.1, seed=1, num_outputs=outputs)
     hidden_weight = model.net[1].weight
 
     def loss(weight):
         params = {"net.1.weight": weight}
-        return regression_loss(functional_call(model, params, (x,)), y).mean()
+        return loss_fn(functional_call(model, params, (x,)), targets).mean()
 
     H = hessian(loss)(hidden_weight.detach())                                # [w, d, w, d]
     column_block = H[:, 0, :, 0]
@@ -919,9 +924,10 @@ def test_run_all_short_real_cifar_run(tmp_path):
 
 def test_run_all_smoke_mechanism_experiments(tmp_path):
     import run_all
-    assert run_all.main(["--profile", "smoke", "--out", str(tmp_path), "--only", "linear", "--only", "toy"]) == 0
+    assert run_all.main(["--profile", "smoke", "--out", str(tmp_path), "--only", "linear", "--only", "toy",
+                         "--only", "toy_ce"]) == 0
     report = (tmp_path / "report.md").read_text()
-    for name in ("linear", "toy"):
+    for name in ("linear", "toy", "toy_ce"):
         record = read_record(tmp_path, name)
         assert record["status"] == "done" and len(record["criteria"]) >= 8 and record["summary"]
         assert all((tmp_path / name / figure).stat().st_size > 1000 for figure in record["figures"])
