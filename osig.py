@@ -157,8 +157,9 @@ def make_planted_images(n=1000, num_classes=10, image_size=32, planted_classes=(
 
     Each class c has a fixed random smooth pattern T_c (the genuine, class-specific signal); an
     image of class c is  128 + signal·T_c + noise·z  per pixel and channel (z i.i.d. Gaussian,
-    clipped to uint8); a weaker signal makes the classes harder to fit, as in real images. The opposing signal: a fraction `planted_fraction` of the images of each
-    of the two `planted_classes` get a large uniform sky-blue background (RGB 80, 150, 255) outside
+    clipped to uint8); a weak signal makes the classes slow to fit, as in real images. The opposing
+    signal: a fraction `planted_fraction` of the images of each of the two `planted_classes` get a
+    large uniform sky-blue background (RGB 80, 150, 255) outside
     a centred square of half the image size. The background carries no label information by
     itself (it appears equally on both classes), is large in pixel norm and is rare: exactly the
     structure the paper says produces opposing signals.
@@ -1241,6 +1242,10 @@ def consecutive_sign_changes(values, mask):
 # which for units active on all outliers is M = p α² v vᵀ: the linear model's p α² |b|² with b the
 # output weights. So the same depth effect sharpens the network as it learns the genuine features, and
 # at 2/lr the odd part, i.e. the network's output on a pure-x_0 probe, oscillates with period 2.
+# Under squared error this curvature stays as long as units see both signs, whatever the fit. Under
+# two-class cross-entropy (classify the sign of the target) each example's curvature is weighted by
+# p_i(1 - p_i): once the network computes |x_0| and fits the outliers with growing margins, the
+# curvature along the x_0 column, and with it the sharpness, falls below 2/lr.
 
 
 def make_toy_network(in_features, width=16, weight_scale=0.05, output_scale=0.1, hidden_bias=0.7, seed=0,
