@@ -3,30 +3,32 @@ osig.py: a small, readable reproduction of
 "Outliers with Opposing Signals Have an Outsized Effect on Neural Network Optimization"
 (Rosenfeld & Risteski, ICLR 2024).
 
-Read it top to bottom; every section only uses what came before it.
+Read it top to bottom: each section uses only what came before it, in the paper's order.
 
-  1. Data            CIFAR-10 loader (official python layout), normalization, seeded subsets,
-                     and a synthetic image set with a planted pair of opposing signals.
-  2. Models          MLP, small CNN, VGG-11, CIFAR ResNet-18, small ViT; all twice differentiable.
+  1. Data            CIFAR-10, normalization, seeded subsets; synthetic images with a planted opposing pair.
+  2. Models          MLP, small CNN, VGG-11, ResNet-18, ViT; all twice differentiable.
   3. Losses          per-example MSE and cross-entropy.
   4. Curvature       Hessian-vector products, hand-written Lanczos and power iteration, sharpness.
-  5. Per-example     per-example losses, gradients (vmap) and directional derivatives (jvp).
-  6. Optimizers      split-update SGD, Adam's preconditioner, stability thresholds.
-  7. Training        full-batch GD, SGD (momentum, clipping, split update) and Adam, recording every step.
-  8. Outliers        loss spikes, edge of stability, heavy tails, opposing groups, the sky feature.
-  9. Linear model    a two-layer linear network with an opposing feature: sharpness in closed form.
- 10. Toy network     a small ReLU network on a rare, large input: the mechanism end to end.
- 11. Adam vs SGD     where the sharp direction and the sign flips live; group oscillation amplitude.
- 12. Plotting        small matplotlib helpers used by run_all.py.
+  5. Per-example     per-example losses and gradients (vmap), evaluation.
+  6. Training        one loop for full-batch GD and minibatch optimizers, with a measurement hook.
+  7. Outliers        edge of stability, loss spikes, heavy tails, opposing groups and their controls,
+                     the sky feature and its probes.
+  8. Linear model    a two-layer linear network with an opposing feature: sharpness in closed form.
+  9. Toy network     a small ReLU network on a rare, large input: the mechanism end to end.
+ 10. Optimizers      Adam's preconditioner, split-update SGD, stability thresholds, where the sharp
+                     direction lives, group oscillations under minibatch noise.
+ 11. Plotting        small matplotlib helpers.
+  Appendix           downloading, checking and reading the CIFAR-10 files.
 
-Conventions. A "loss_fn" maps (outputs [B, C], labels [B]) to per-example losses [B]; the training
+Conventions. A `loss_fn` maps (outputs [B, C], labels [B]) to per-example losses [B]; the training
 objective is their mean over the training set. Flat parameter vectors concatenate
 `[p.reshape(-1) for p in model.parameters() if p.requires_grad]` in module order.
 
-Every public function is self-contained: paste it into another project with the imports at the top
-of this file and it works. Where a function builds on another public function it says so.
+Paste promise: every public function works when pasted into another project together with the
+imports at the top of this file and the helpers its docstring names ("Needs ...").
 """
 
+import codecs
 import hashlib
 import math
 import os
@@ -35,6 +37,7 @@ import tarfile
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -50,77 +53,28 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
 
 
+class DataError(Exception):
+    """A data set is missing, cannot be downloaded, or is corrupted. The message says how to fix it."""
+
+
 def load_cifar10(root=None, train=True, download=True):
-    """Load CIFAR-10 from the official "python version" layout.
+    """CIFAR-10 in the official "python version" layout: images uint8 [N, 32, 32, 3] (HWC), labels int64 [N].
 
-    Looks for `root/cifar-10-batches-py/` (root from the argument, else the OSIG_DATA environment
-    variable, else ./data). If it is absent, uses `root/cifar-10-python.tar.gz`, downloading it from
-    its home page when allowed, checks its md5 and extracts it atomically: the archive is unpacked
-    into a temporary folder that is renamed into place only when complete. An extracted folder is
-    checked by structure (files, keys, shapes, label range), not by md5, so re-encoded copies load.
-
-    Returns images uint8 [N, 32, 32, 3] (HWC, as the raw data) and labels int64 [N];
-    N = 50,000 for train, 10,000 for test. Raises FileNotFoundError (missing, cannot download) or
-    ValueError (corrupted) with a one-line message that says how to fix it.
+    N = 50,000 (train) or 10,000 (test). Reads root/cifar-10-batches-py/ (root: the argument, else
+    $OSIG_DATA, else ./data); when that folder is absent it is made from cifar-10-python.tar.gz,
+    downloaded if allowed, md5-checked and extracted atomically (`cifar10_folder`, in the appendix).
+    The batch files are Python pickles. They are read by `read_cifar_batch`, whose unpickler accepts
+    only the numpy array reconstruction a CIFAR batch needs, so a tampered file cannot run code.
+    An extracted folder is checked by structure (keys, dtypes, shapes, label range), not by md5,
+    so that re-encoded copies load. Raises DataError with one line that says how to fix the problem.
+    Needs `DataError`, `cifar10_folder`, `read_cifar_batch` (appendix).
     """
     root = Path(root or os.environ.get("OSIG_DATA") or "data").expanduser()
-    folder = root / "cifar-10-batches-py"
-    archive = root / "cifar-10-python.tar.gz"
-    where = (f"put cifar-10-python.tar.gz (from {CIFAR10_URL}) or its extracted cifar-10-batches-py/ "
-             f"folder in {root}, or set OSIG_DATA to the folder that holds it")
-    if not folder.is_dir():
-        if not archive.exists():
-            if not download:
-                raise FileNotFoundError(f"CIFAR-10 not found in {root}: {where}")
-            root.mkdir(parents=True, exist_ok=True)
-            partial = archive.with_name(archive.name + ".part")
-            try:
-                with urllib.request.urlopen(CIFAR10_URL, timeout=30) as response, open(partial, "wb") as f:
-                    while block := response.read(1 << 20):
-                        f.write(block)
-                os.replace(partial, archive)
-            except OSError as error:
-                partial.unlink(missing_ok=True)
-                raise FileNotFoundError(f"CIFAR-10 not found in {root} and the download failed "
-                                        f"({error}): {where}") from None
-        md5 = hashlib.md5()
-        with open(archive, "rb") as f:
-            while block := f.read(1 << 20):
-                md5.update(block)
-        if md5.hexdigest() != CIFAR10_MD5:
-            raise ValueError(f"{archive} is corrupted (md5 {md5.hexdigest()}, expected {CIFAR10_MD5}): "
-                             f"delete it and download it again from {CIFAR10_URL}")
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=".cifar10-extract-"))
-        try:
-            with tarfile.open(archive, "r:gz") as tar:
-                tar.extractall(staging, filter="data")
-            if not (staging / "cifar-10-batches-py").is_dir():
-                raise ValueError(f"{archive} does not contain cifar-10-batches-py/: "
-                                 f"delete it and download it again from {CIFAR10_URL}")
-            os.replace(staging / "cifar-10-batches-py", folder)
-        finally:
-            for path in sorted(staging.rglob("*"), reverse=True):
-                path.unlink() if path.is_file() else path.rmdir()
-            staging.rmdir()
+    folder = cifar10_folder(root, download)
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-    images, labels = [], []
-    for name in names:
-        path = folder / name
-        try:
-            with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
-            data = np.asarray(batch[b"data"])
-            batch_labels = np.asarray(batch[b"labels"], dtype=np.int64)
-        except (OSError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as error:
-            raise ValueError(f"{path} is missing or unreadable ({type(error).__name__}: {error}): "
-                             f"delete {folder} and {where}") from None
-        if (data.dtype != np.uint8 or data.shape != (10000, 3072) or batch_labels.shape != (10000,)
-                or batch_labels.min() < 0 or batch_labels.max() > 9):
-            raise ValueError(f"{path} is not a CIFAR-10 batch (data {data.dtype} {data.shape}, "
-                             f"{batch_labels.shape[0]} labels): delete {folder} and {where}")
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(batch_labels)
-    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+    batches = [read_cifar_batch(folder / name) for name in names]
+    images = np.concatenate([data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1) for data, _ in batches])
+    return torch.from_numpy(images), torch.from_numpy(np.concatenate([labels for _, labels in batches]))
 
 
 def normalize(images, mean=None, std=None):
@@ -131,11 +85,8 @@ def normalize(images, mean=None, std=None):
     to normalize test or probe images exactly like the training data. Returns (x, mean, std).
     """
     x = images.permute(0, 3, 1, 2).float() / 255
-    if mean is None:
-        mean = x.mean(dim=(0, 2, 3))
-    if std is None:
-        std = x.std(dim=(0, 2, 3))
-    mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+    mean = x.mean(dim=(0, 2, 3)) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+    std = x.std(dim=(0, 2, 3)) if std is None else torch.as_tensor(std, dtype=torch.float32)
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), mean, std
 
 
@@ -146,23 +97,26 @@ def seeded_subset(n_total, n, seed=0):
     and a large run see the same leading examples. Returns int64 [n].
     """
     if not 0 < n <= n_total:
-        raise ValueError(f"subset size {n} must be between 1 and {n_total}")
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(n_total, generator=generator)[:n]
+        raise ValueError(f"subset size n={n} must be between 1 and {n_total}")
+    if seed < 0:
+        raise ValueError(f"seed={seed} must be >= 0")
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
 
 
-def make_planted_images(n=1000, num_classes=10, image_size=32, planted_classes=(0, 2),
-                        planted_fraction=0.25, signal=5.0, noise=60.0, seed=0):
+def make_planted_images(n=1000, num_classes=10, image_size=32, planted_classes=(0, 2), planted_fraction=0.25,
+                        planted_strength=1.0, class_signal=5.0, noise=60.0, seed=0):
     """Synthetic images with a planted pair of opposing signals.
 
-    Each class c has a fixed random smooth pattern T_c (the genuine, class-specific signal); an
-    image of class c is  128 + signal·T_c + noise·z  per pixel and channel (z i.i.d. Gaussian,
-    clipped to uint8); a weak signal makes the classes slow to fit, as in real images. The opposing
-    signal: a fraction `planted_fraction` of the images of each of the two `planted_classes` get a
-    large uniform sky-blue background (RGB 80, 150, 255) outside
-    a centred square of half the image size. The background carries no label information by
-    itself (it appears equally on both classes), is large in pixel norm and is rare: exactly the
-    structure the paper says produces opposing signals.
+    Each class c has a fixed random smooth pattern T_c (unit pixel std): an image of class c is
+    128 + class_signal·T_c + noise·z per pixel and channel (z i.i.d. Gaussian, clipped to uint8).
+    class_signal sets how strongly the genuine, class-specific evidence competes with the planted
+    feature (5 against noise 60: weak and slow to fit; 30: easy).
+    The opposing signal: a fraction `planted_fraction` of the images of each of the two
+    `planted_classes` get a sky-blue background (RGB 80, 150, 255 plus noise of std 10) outside a
+    centred square of half the image size, blended in with weight planted_strength (1: replaced, 0:
+    nothing planted). The background appears equally on both classes, so by itself it carries no
+    label information; it is large in pixel norm and rare: the structure the paper says produces
+    opposing signals. planted_fraction 0 gives unplanted data (a null for the detectors).
 
     Returns images uint8 [n, H, W, 3], labels int64 [n] (balanced, shuffled) and planted int64 [n]
     (0: no background; 1: background on planted_classes[0]; 2: on planted_classes[1]).
@@ -174,20 +128,20 @@ def make_planted_images(n=1000, num_classes=10, image_size=32, planted_classes=(
     labels = torch.arange(n) % num_classes
     labels = labels[torch.randperm(n, generator=generator)]
     z = torch.randn(n, 3, image_size, image_size, generator=generator)
-    images = 128 + signal * templates[labels] + noise * z
+    images = 128 + class_signal * templates[labels] + noise * z
     planted = torch.zeros(n, dtype=torch.int64)
     for group, cls in enumerate(planted_classes, start=1):
         members = torch.nonzero(labels == cls).flatten()
-        planted[members[: max(1, round(planted_fraction * len(members)))]] = group
+        count = round(planted_fraction * len(members))
+        planted[members[:count]] = group
     border = torch.ones(image_size, image_size, dtype=torch.bool)
     quarter = image_size // 4
     border[quarter:image_size - quarter, quarter:image_size - quarter] = False
-    sky = torch.tensor([80.0, 150.0, 255.0]).view(3, 1, 1)
-    sky_images = torch.where(border, sky + 10 * z[planted > 0], images[planted > 0])
-    images[planted > 0] = sky_images
+    sky = torch.tensor([80.0, 150.0, 255.0]).view(3, 1, 1) + 10 * z[planted > 0]
+    blended = (1 - planted_strength) * images[planted > 0] + planted_strength * sky
+    images[planted > 0] = torch.where(border, blended, images[planted > 0])
     images = images.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return images, labels.to(torch.int64), planted
-
 
 # ----------------------------------------------------------------------------- 2. Models
 
@@ -338,12 +292,16 @@ class ViT(nn.Module):
 
 
 # ----------------------------------------------------------------------------- 3. Losses
+# ----------------------------------------------------------------------------- 3. Losses
 
 def mse_loss(outputs, labels):
     """Per-example squared error to one-hot targets: 0.5 * sum_c (outputs[i, c] - 1[c = labels[i]])^2.
 
     outputs [B, C], labels int64 [B] -> [B]. Summed (not averaged) over classes, as in Cohen et al.
     """
+    if outputs.shape[:-1] != labels.shape:
+        raise ValueError(f"mse_loss: outputs {tuple(outputs.shape)} and labels {tuple(labels.shape)} "
+                         f"must describe the same examples (labels [B] for outputs [B, C])")
     # a comparison rather than F.one_hot, which checks label values and so cannot run under vmap
     one_hot = (labels.unsqueeze(-1) == torch.arange(outputs.shape[-1], device=outputs.device)).to(outputs.dtype)
     return 0.5 * (outputs - one_hot).pow(2).sum(-1)
@@ -351,45 +309,72 @@ def mse_loss(outputs, labels):
 
 def cross_entropy_loss(outputs, labels):
     """Per-example cross-entropy: -log softmax(outputs[i])[labels[i]]. [B, C], [B] -> [B]."""
+    if outputs.shape[:-1] != labels.shape:
+        raise ValueError(f"cross_entropy_loss: outputs {tuple(outputs.shape)} and labels {tuple(labels.shape)} "
+                         f"must describe the same examples (labels [B] for outputs [B, C])")
     return F.cross_entropy(outputs, labels, reduction="none")
 
 
+def check_examples(x, y, outputs=None):
+    """Raise ValueError unless x [N, ...] and y [N] hold the same N >= 1 examples and, given the model's
+    outputs [., C] with C > 1, every integer label is a class index in 0..C-1 (a wrong label would
+    silently become an all-zero MSE target)."""
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"x has {len(x)} examples and y {len(y)}: pass one label per example (N >= 1)")
+    if outputs is not None and outputs.shape[-1] > 1 and not torch.is_floating_point(y):
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= outputs.shape[-1]:
+            raise ValueError(f"labels range over {low}..{high} but the model has {outputs.shape[-1]} outputs: "
+                             f"labels must be class indices 0..{outputs.shape[-1] - 1}")
+
 # ----------------------------------------------------------------------------- 4. Curvature
 
+@contextmanager
+def preserved(model):
+    """Context manager: on exit, restore the model's buffers (e.g. BN running statistics) and its train/eval
+    mode to what they were on entry, so that a measurement has no side effects on training."""
+    saved, was_training = [b.detach().clone() for b in model.buffers()], model.training
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(model.buffers(), saved):
+                buffer.copy_(value)
+        model.train(was_training)
+
+
+def unflatten(vector, params):
+    """Split a flat vector [sum of sizes] into tensors shaped like `params` (views, module order)."""
+    return [part.view_as(p) for part, p in zip(torch.split(vector, [p.numel() for p in params]), params)]
+
+
 def hvp(model, loss_fn, x, y, v, chunk=None):
-    """Hessian-vector product H v of the mean loss L = (1/N) sum_i loss_fn(model(x), y)[i].
+    """Hessian-vector product H v of the mean loss L = (1/N) Σ_i loss_fn(model(x), y)[i].
 
     v: flat vector [P] over the trainable parameters (module order). Computed chunk by chunk: each
     chunk contributes d/dθ <∇θ (sum of its losses / N), v>, so the sum over chunks is exactly H v
     whatever the chunk size (up to float rounding), for any model whose per-example losses do not
-    depend on other examples.
+    depend on other examples. One product costs a forward, a backward and a double backward pass.
 
     Batch norm: the product is taken of the function the model computes in its current mode. In
     eval mode BN uses running statistics and the result does not depend on `chunk`. In train mode
     BN normalizes by each chunk's own batch statistics, the same function a training step with the
     same chunk size optimizes ("ghost batch norm"); chunk then becomes part of the objective's
-    definition. Either way running statistics and other buffers are saved and restored, and the
-    train/eval mode is left as it was: the call has no side effects on the model.
+    definition. Either way buffers and mode are restored (`preserved`): no side effects.
 
-    Returns H v, shape [P], dtype and device of the parameters.
+    Returns H v, shape [P], dtype and device of the parameters. Needs `preserved`, `unflatten`.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    directions = [d.view_as(p) for d, p in zip(torch.split(v, [p.numel() for p in params]), params)]
+    directions = unflatten(v, params)
     n, chunk = len(x), chunk or len(x)
-    saved_buffers, was_training = [b.detach().clone() for b in model.buffers()], model.training
     result = [torch.zeros_like(p) for p in params]
-    try:
+    with preserved(model):
         for start in range(0, n, chunk):
             loss = loss_fn(model(x[start:start + chunk]), y[start:start + chunk]).sum() / n
             grads = torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True)
             hv = torch.autograd.grad(grads, params, grad_outputs=directions, materialize_grads=True)
             for total, part in zip(result, hv):
                 total += part
-    finally:
-        with torch.no_grad():
-            for buffer, saved in zip(model.buffers(), saved_buffers):
-                buffer.copy_(saved)
-        model.train(was_training)
     return torch.cat([r.reshape(-1) for r in result])
 
 
@@ -397,23 +382,25 @@ def lanczos(matvec, dim, k=1, iters=100, tol=1e-6, seed=0, v0=None, dtype=torch.
     """The k largest (algebraic) eigenpairs of a symmetric linear operator, by Lanczos.
 
     matvec: function [dim] -> [dim] computing A v for a symmetric A. Builds an orthonormal Krylov
-    basis q_1..q_m of span{v0, A v0, A^2 v0, ...} with the three-term recurrence
-        w = A q_j - alpha_j q_j - beta_{j-1} q_{j-1},   alpha_j = q_j·A q_j,   beta_j = |w|,
+    basis q_1..q_m of span{v0, A v0, A² v0, ...} with the three-term recurrence
+        w = A q_j - α_j q_j - β_{j-1} q_{j-1},   α_j = q_j·A q_j,   β_j = |w|,
     re-orthogonalized against all previous q (twice, "twice is enough") so rounding never brings
-    back converged directions. The eigenvalues theta of the tridiagonal T_m = Q^T A Q (Ritz
-    values) approximate A's extreme eigenvalues; the Ritz residual |A y - theta y| of the Ritz
-    vector y = Q s equals beta_m |s_m| and costs nothing. Stops when the k largest Ritz values all
-    have residual <= tol * max|theta| (or after `iters` products, or when the Krylov space fills
-    R^dim). If the recurrence breaks down (beta ~ 0: an invariant subspace was found) it restarts
-    from a random vector orthogonal to the basis, so a warm start that is an exact eigenvector
-    still finds the rest.
+    back converged directions. The eigenvalues θ of the tridiagonal T_m = Qᵀ A Q (Ritz values)
+    approximate A's extreme eigenvalues; the Ritz residual |A y - θ y| of the Ritz vector y = Q s
+    equals β_m |s_m| and costs nothing. Stops when the k largest Ritz values all have residual
+    <= tol · max|θ| (or after `iters` products, or when the Krylov space fills R^dim). If the
+    recurrence breaks down (β ≈ 0: an invariant subspace was found) it restarts from a random vector
+    orthogonal to the basis, so a warm start that is an exact eigenvector still finds the rest.
 
-    v0: start vector [dim] (e.g. the last call's top eigenvector, during training this cuts the
-    products per call) or [dim, m] (their columns are normalized and summed). Random if None.
-    Returns eigenvalues float64 [k] (descending), eigenvectors [dim, k] (unit columns) and Ritz
-    residuals float64 [k]. Needs only torch and numpy.
+    v0: start vector [dim] (e.g. the last call's top eigenvector: during training this cuts the
+    products per call) or [dim, m] (its columns are normalized and summed). Random if None.
+    Raises FloatingPointError when a product is not finite (the operator overflowed, as a diverging
+    network's Hessian does). Returns eigenvalues float64 [k] (descending), eigenvectors [dim, k]
+    (unit columns) and Ritz residuals float64 [k]. Needs only torch and numpy.
     """
-    iters = min(iters, dim)
+    if not 1 <= k <= dim:
+        raise ValueError(f"lanczos: k={k} eigenpairs of a {dim}-dimensional operator: need 1 <= k <= dim")
+    iters = min(max(iters, k), dim)
     generator = torch.Generator().manual_seed(seed)
 
     def random_vector():
@@ -433,6 +420,9 @@ def lanczos(matvec, dim, k=1, iters=100, tol=1e-6, seed=0, v0=None, dtype=torch.
         for _ in range(2):
             w = w - basis[:j + 1].T @ (basis[:j + 1] @ w)
         beta = float(w.norm())
+        if not (math.isfinite(alphas[-1]) and math.isfinite(beta)):
+            raise FloatingPointError(f"lanczos: the operator returned a non-finite product at iteration {j} "
+                                     f"(alpha {alphas[-1]}, beta {beta}): the Hessian has overflowed")
         T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
         theta, S = np.linalg.eigh(T)
         top = np.argsort(theta)[::-1][:k]
@@ -450,21 +440,21 @@ def lanczos(matvec, dim, k=1, iters=100, tol=1e-6, seed=0, v0=None, dtype=torch.
             continue
         betas.append(beta)
         basis[j + 1] = w / beta
-    m = len(alphas)
-    eigenvectors = basis[:m].T @ torch.as_tensor(S[:, top].copy(), dtype=dtype, device=device)
-    return (torch.as_tensor(theta[top].copy()), eigenvectors, torch.as_tensor(residuals.copy()))
+    eigenvectors = basis[:len(alphas)].T @ torch.as_tensor(S[:, top].copy(), dtype=dtype, device=device)
+    return torch.as_tensor(theta[top].copy()), eigenvectors, torch.as_tensor(residuals.copy())
 
 
 def power_iteration(matvec, dim, iters=1000, tol=1e-6, seed=0, v0=None, dtype=torch.float64, device="cpu"):
     """Top eigenvalue by power iteration, the teaching baseline for `lanczos`.
 
     v <- A v / |A v|. Converges to the eigenvalue of largest magnitude (which for a Hessian at a
-    minimum is the top one) at the rate |lambda_2 / lambda_1| per product, so slowly when the top
-    two are close. Each iteration reports the Rayleigh quotient lambda = v·A v and stops when the
-    residual |A v - lambda v| <= tol * |lambda|.
+    minimum is the top one) at the rate |λ_2 / λ_1| per product, so slowly when the top two are close.
+    Each iteration computes the Rayleigh quotient λ = v·A v and stops when |A v - λ v| <= tol · |λ|.
 
     Returns (eigenvalue float, eigenvector [dim], converged bool, products used int).
     """
+    if dim < 1:
+        raise ValueError(f"power_iteration: dim={dim} must be >= 1")
     generator = torch.Generator().manual_seed(seed)
     v = torch.randn(dim, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype) if v0 is None \
         else v0.reshape(-1).to(device=device, dtype=dtype).clone()
@@ -473,6 +463,8 @@ def power_iteration(matvec, dim, iters=1000, tol=1e-6, seed=0, v0=None, dtype=to
     for step in range(1, iters + 1):
         w = matvec(v).to(dtype)
         eigenvalue = float(v @ w)
+        if not math.isfinite(eigenvalue):
+            raise FloatingPointError(f"power_iteration: non-finite Rayleigh quotient at product {step}")
         if float((w - eigenvalue * v).norm()) <= tol * abs(eigenvalue):
             return eigenvalue, v, True, step
         v = w / w.norm()
@@ -488,25 +480,29 @@ def top_eigenvalues(model, loss_fn, x, y, k=1, chunk=None, iters=100, tol=1e-3, 
     <g, v> through it (instead of forward + backward + double backward each time); otherwise each
     product is `hvp` chunk by chunk. BN is treated as in `hvp`; buffers and mode are restored.
 
-    preconditioner: a diagonal P [num params] > 0 (e.g. `adam_preconditioner`). Then the eigenvalues
-    are those of P^{-1/2} H P^{-1/2}, the sharpness an adaptive optimizer actually sees: `lanczos`
-    runs on the symmetric u -> s ⊙ H (s ⊙ u), s = P^{-1/2}, whose eigenvalues are those of P^{-1} H
-    (similar matrices); its eigenvectors w are in whitened coordinates (s ⊙ w is a parameter direction).
+    preconditioner: a diagonal P [num params] > 0 (e.g. `adaptive_preconditioner`). Then the eigenvalues
+    are those of P^-1/2 H P^-1/2, the sharpness an adaptive optimizer actually sees: `lanczos` runs on
+    the symmetric u -> s ⊙ H (s ⊙ u), s = P^-1/2, whose eigenvalues are those of P^-1 H (similar
+    matrices); its eigenvectors w are in whitened coordinates (s ⊙ w is a parameter direction).
 
-    Returns eigenvalues float64 [k] (descending), eigenvectors [P, k] and Ritz residuals [k].
-    Needs `hvp` and `lanczos`.
+    Returns eigenvalues float64 [k] (descending), eigenvectors [P, k] and Ritz residuals [k]; raises
+    FloatingPointError when the Hessian products overflow. Needs `check_examples`, `preserved`,
+    `unflatten`, `hvp`, `lanczos`.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    sizes = [p.numel() for p in params]
-    saved_buffers, was_training = [b.detach().clone() for b in model.buffers()], model.training
-    try:
+    dim = sum(p.numel() for p in params)
+    check_examples(x, y)
+    if not 1 <= k <= dim:
+        raise ValueError(f"top_eigenvalues: k={k} but the model has {dim} parameters: need 1 <= k <= {dim}")
+    with preserved(model):
         if chunk is None or chunk >= len(x):
-            loss = loss_fn(model(x), y).mean()
-            grads = torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True)
+            outputs = model(x)
+            check_examples(x, y, outputs)
+            grads = torch.autograd.grad(loss_fn(outputs, y).mean(), params, create_graph=True,
+                                        materialize_grads=True)
 
             def hessian_times(v):
-                directions = [d.view_as(p) for d, p in zip(torch.split(v, sizes), params)]
-                hv = torch.autograd.grad(grads, params, grad_outputs=directions, retain_graph=True,
+                hv = torch.autograd.grad(grads, params, grad_outputs=unflatten(v, params), retain_graph=True,
                                          materialize_grads=True)
                 return torch.cat([h.reshape(-1) for h in hv])
         else:
@@ -518,41 +514,47 @@ def top_eigenvalues(model, loss_fn, x, y, k=1, chunk=None, iters=100, tol=1e-3, 
 
             def matvec(u):
                 return scale * hessian_times(scale * u)
-        return lanczos(matvec, sum(sizes), k=k, iters=iters, tol=tol, seed=seed, v0=v0,
-                       dtype=params[0].dtype, device=params[0].device)
-    finally:
-        with torch.no_grad():
-            for buffer, saved in zip(model.buffers(), saved_buffers):
-                buffer.copy_(saved)
-        model.train(was_training)
-
+        return lanczos(matvec, dim, k=k, iters=iters, tol=tol, seed=seed, v0=v0, dtype=params[0].dtype,
+                       device=params[0].device)
 
 # ----------------------------------------------------------------------------- 5. Per-example statistics
 
 def per_example_losses(model, loss_fn, x, y, chunk=1024):
     """loss_fn(model(x), y) for every example, without gradients: [N].
 
-    During training the step's own forward pass already gives these (see `train`); this is for
-    evaluation at other times. Buffers (BN running statistics) and mode are left unchanged.
+    During full-batch training the step's own forward pass already gives these (see `train`); this
+    is for other times. Buffers (BN running statistics) and mode are left unchanged.
+    Needs `check_examples`, `preserved`.
     """
-    saved_buffers = [b.detach().clone() for b in model.buffers()]
-    with torch.no_grad():
-        losses = torch.cat([loss_fn(model(x[s:s + chunk]), y[s:s + chunk]) for s in range(0, len(x), chunk)])
-        for buffer, saved in zip(model.buffers(), saved_buffers):
-            buffer.copy_(saved)
-    return losses
+    check_examples(x, y)
+    with preserved(model), torch.no_grad():
+        return torch.cat([loss_fn(model(x[s:s + chunk]), y[s:s + chunk]) for s in range(0, len(x), chunk)])
+
+
+def evaluate(model, loss_fn, x, y, chunk=1024):
+    """Mean loss and accuracy (nan for a single output) of the model on (x, y), without gradients.
+    Returns (loss float, accuracy float). Needs `check_examples`, `preserved`."""
+    check_examples(x, y)
+    with preserved(model), torch.no_grad():
+        outputs = torch.cat([model(x[s:s + chunk]) for s in range(0, len(x), chunk)])
+    accuracy = float((outputs.argmax(-1) == y).float().mean()) if outputs.shape[-1] > 1 else float("nan")
+    return float(loss_fn(outputs, y).mean()), accuracy
 
 
 def per_example_grads(model, loss_fn, x, y, chunk=256):
     """Gradient of each example's own loss: G[i] = ∇θ loss_fn(model(x[i:i+1]), y[i:i+1]), [N, P].
 
     torch.func: vmap over examples of grad of a functional_call, `chunk` examples at a time (the
-    memory is chunk x P floats). Per-example gradients are undefined under batch statistics, so a
-    model with batch norm must be in eval mode. Columns follow the flat parameter order.
+    memory is chunk x P floats), written straight into one [N, P] matrix (for wide layers the
+    copies, not the arithmetic, dominate). Per-example gradients are undefined under batch
+    statistics, so a model with batch norm must be in eval mode. Columns follow the flat parameter
+    order. Needs only torch and numpy.
     """
     from torch.func import functional_call, grad, vmap
-    if model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if model.training and any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) for m in model.modules()):
         raise ValueError("per-example gradients need batch norm in eval mode: call model.eval() first")
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} examples and y {len(y)}: pass one label per example")
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
 
@@ -561,7 +563,6 @@ def per_example_grads(model, loss_fn, x, y, chunk=256):
 
     grad_per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
     sizes = [p.numel() for p in params.values()]
-    # written straight into one [N, P] matrix: for wide layers the copies, not the arithmetic, dominate
     first = next(iter(params.values()))
     result = torch.empty(len(x), sum(sizes), dtype=first.dtype, device=first.device)
     for start in range(0, len(x), chunk):
@@ -570,256 +571,56 @@ def per_example_grads(model, loss_fn, x, y, chunk=256):
             result[start:start + len(g), column:column + g[0].numel()] = g.reshape(len(g), -1)
     return result
 
+# ----------------------------------------------------------------------------- 6. Training
 
-def per_example_directional_derivatives(model, loss_fn, x, y, directions, chunk=1024):
-    """<∇θ loss_i, u_j> for every example i and direction u_j, by forward-mode AD: [N, k].
+def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, measure=None, clip_norm=None,
+          seed=0, log=print):
+    """Train `model` on (x, y) with a constructed torch `optimizer`, recording every step.
 
-    directions: [P, k] flat parameter vectors (e.g. top Hessian eigenvectors). One jvp per
-    direction gives the derivative of all N losses at once, far cheaper than forming per-example
-    gradients when only their components along a few directions are needed. Buffers are read,
-    never updated; BN in train mode uses each chunk's statistics (see `hvp`).
+    Full batch (batch_size None): the gradient of L(θ) = (1/N) Σ_i ℓ_i(θ), accumulated over chunks of
+        `chunk` examples (each adds ∇(Σ_chunk ℓ_i)/N, so the sum is the one-batch gradient). With
+        torch.optim.SGD(lr) this is gradient descent θ ← θ − lr ∇L. The same forward pass gives every
+        example's loss ℓ_i(θ_t), kept as per_example_loss [T, N] at no extra cost.
+    Minibatch (batch_size B): each step uses the next B examples of a seeded reshuffle of (x, y), a
+        new one each epoch; loss and accuracy are the minibatch's.
+    clip_norm: rescale the gradient g to g · min(1, clip_norm / |g|) before the update.
+    measure(step, model, optimizer): called at θ_t after the gradient is computed (p.grad holds it),
+        before the update. What it returns (a dict, or None for nothing) is kept in history["measured"]
+        with its step: sharpness, probes, anything (`sharpness_measure` builds the usual one).
+    Divergence: a non-finite loss, or a FloatingPointError from measure (a sharpness computation that
+        overflowed), stops the run with a message in history["diverged"]; all earlier steps are kept.
+
+    Returns a dict: step, loss, accuracy (nan for one output), grad_norm (before clipping) [T] numpy;
+    per_example_loss float32 [T, N] (full batch; [0, N] otherwise); measured (list of dicts); diverged
+    (None or the message). Seeded: same seed and model init give identical records on the CPU.
+    Needs `check_examples`.
     """
-    from torch.func import functional_call, jvp
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    sizes = [p.numel() for p in params.values()]
-    columns = []
-    for u in directions.T:
-        tangent = {name: d.view_as(params[name]) for name, d in zip(names, torch.split(u, sizes))}
-        parts = []
-        for start in range(0, len(x), chunk):
-            xc, yc = x[start:start + chunk], y[start:start + chunk]
-            _, derivative = jvp(lambda p: loss_fn(functional_call(model, (p, buffers), (xc,)), yc),
-                                (params,), (tangent,))
-            parts.append(derivative)
-        columns.append(torch.cat(parts))
-    return torch.stack(columns, dim=1)
-
-
-# ----------------------------------------------------------------------------- 6. Optimizers and their stability
-#
-# Adam divides each coordinate's step by the running RMS of its gradient; plain SGD does not. What an
-# optimizer "sees" as sharpness is then the top eigenvalue of P^{-1/2} H P^{-1/2}, P its diagonal
-# preconditioner (`top_eigenvalues(..., preconditioner=P)`), to be compared with its own stability
-# threshold. SplitSGD (OUR RECONSTRUCTION of the
-# paper's proposal) gives Adam's step only to the coordinates with the largest gradients.
-
-
-def top_quantile_mask(values, quantile):
-    """Boolean mask of the round(quantile · n) largest entries of `values` (any shape, n entries).
-
-    quantile 0 selects nothing and 1 everything; ties at the boundary are broken by torch.topk, so
-    exactly round(quantile · n) entries are selected. Returns bool, the shape of `values`.
-    """
-    count = int(round(quantile * values.numel()))
-    mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
-    if count >= values.numel():
-        mask[:] = True
-    elif count > 0:
-        mask[torch.topk(values.reshape(-1), count, sorted=False).indices] = True
-    return mask.view_as(values)
-
-
-class SplitSGD(torch.optim.Optimizer):
-    """SGD with momentum, except that the most "spiky" coordinates of each tensor take Adam's step.
-
-    OUR RECONSTRUCTION of the paper's split-update proposal (its exact rule is not available to us).
-    Per parameter tensor, with gradient g_t, at step t = 1, 2, ...:
-        b_t = μ b_{t-1} + g_t  (b_1 = g_1)                 heavy-ball buffer, as torch.optim.SGD
-        m_t = β1 m_{t-1} + (1 − β1) g_t,  v_t = β2 v_{t-1} + (1 − β2) g_t²   (m_0 = v_0 = 0), as Adam
-        N_t = the round(q · n) coordinates of the tensor with the largest v_t (`top_quantile_mask`)
-        θ ← θ − normalized_lr · m̂_t / (sqrt(v̂_t) + ε)   on N_t,   m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t)
-        θ ← θ − lr · b_t                                   elsewhere.
-    All three statistics are kept for every coordinate so that a coordinate can move between the two
-    sets. q = 0 is exactly torch.optim.SGD(lr, momentum=μ); q = 1 is Adam(normalized_lr, (β1, β2), ε).
-    A large running second moment marks the coordinates with large gradients; where those gradients keep
-    flipping sign (opposing signals), SGD's steps overshoot and Adam's normalization damps them.
-    """
-
-    def __init__(self, params, lr, normalized_lr=1e-3, quantile=0.1, momentum=0.9, betas=(0.9, 0.999), eps=1e-8):
-        if not 0.0 <= quantile <= 1.0:
-            raise ValueError(f"quantile {quantile} must be in [0, 1]")
-        super().__init__(params, dict(lr=lr, normalized_lr=normalized_lr, quantile=quantile, momentum=momentum,
-                                      betas=betas, eps=eps))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One update of every parameter with a gradient (see the class docstring for the maths)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g, state = p.grad, self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["momentum_buffer"] = g.clone()
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
-                state["step"] += 1
-                t = state["step"]
-                state["exp_avg"].lerp_(g, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                # the same operation order as torch.optim.Adam, so that q = 1 matches it to rounding
-                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-                normalized_step = state["exp_avg"] / denom * (group["normalized_lr"] / (1 - beta1 ** t))
-                state["normalized"] = top_quantile_mask(state["exp_avg_sq"], group["quantile"])
-                p.sub_(torch.where(state["normalized"], normalized_step, group["lr"] * state["momentum_buffer"]))
-        return loss
-
-    @torch.no_grad()
-    def preconditioner(self):
-        """Per-coordinate P, flat over all parameters in order, such that the update is ≈ lr · P^{-1} b.
-
-        Writing Adam's EMA momentum as a heavy-ball buffer (m = (1 − β1) b for a constant gradient,
-        and bias corrections → 1), the normalized coordinates move by
-        normalized_lr · (1 − β1) / (sqrt(v̂) + ε) · b, so relative to the SGD coordinates' lr · b
-        P = lr · (sqrt(v̂) + ε) / (normalized_lr · (1 − β1)) on the normalized set and 1 elsewhere, with
-        the set of the last step. Then λ_max(P^{-1/2} H P^{-1/2}) < (2 + 2μ) / lr is the quadratic
-        stability condition (exact for μ = β1). Returns None before the first step.
-        """
-        parts = []
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                state = self.state[p]
-                if not state:
-                    return None
-                rms = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt() + group["eps"]
-                scaled = group["lr"] * rms / (group["normalized_lr"] * (1 - beta1))
-                parts.append(torch.where(state["normalized"], scaled, torch.ones_like(rms)).reshape(-1))
-        return torch.cat(parts)
-
-
-@torch.no_grad()
-def adam_preconditioner(optimizer):
-    """Adam's diagonal preconditioner P = sqrt(v̂) + ε, flat over the optimizer's parameters in order.
-
-    v̂ = v / (1 − β2^t) is the bias-corrected running second moment of the gradient held by
-    torch.optim.Adam after its t-th step (Cohen et al., 2022 use the same bias-corrected P). Adam's
-    update is lr · m̂ / P, and its stability condition on a quadratic is
-    λ_max(P^{-1/2} H P^{-1/2}) < (2 + 2β1) / ((1 − β1) lr). Returns [P] or None before the first step.
-    """
-    parts = []
-    for group in optimizer.param_groups:
-        _, beta2 = group["betas"]
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if not state:
-                return None
-            parts.append(((state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))).sqrt() + group["eps"]).reshape(-1))
-    return torch.cat(parts)
-
-
-def stability_threshold(optimizer, lr, momentum=0.9, betas=(0.9, 0.999)):
-    """The sharpness above which an optimizer's update is unstable on a quadratic (Cohen et al., 2021, 2022).
-
-    On a quadratic with curvature λ along an eigenvector:
-      'gd'                 θ ← θ − lr λ θ oscillates with growing amplitude iff λ > 2 / lr.
-      'sgd', 'clip'        heavy-ball b ← μ b + g, θ ← θ − lr b: unstable iff λ > (2 + 2μ) / lr (clipping only
-                           shortens steps, so this is the threshold whenever the gradient is not clipped).
-      'adam'               on the preconditioned sharpness λ(P^{-1/2} H P^{-1/2}): (2 + 2β1) / ((1 − β1) lr),
-                           38 / lr for β1 = 0.9.
-      'split'              on λ(P^{-1/2} H P^{-1/2}) with SplitSGD.preconditioner: (2 + 2μ) / lr.
-    The issue's "2/lr for SGD" is the momentum-free case; with μ = 0.9 the threshold is 1.9x higher.
-    """
-    if optimizer == "gd":
-        return 2.0 / lr
-    if optimizer in ("sgd", "clip", "split"):
-        return (2.0 + 2.0 * momentum) / lr
-    if optimizer == "adam":
-        return (2.0 + 2.0 * betas[0]) / ((1.0 - betas[0]) * lr)
-    raise ValueError(f"unknown optimizer {optimizer!r}")
-
-
-# ----------------------------------------------------------------------------- 7. Training
-
-def train(model, x, y, loss_fn, optimizer="gd", lr=0.01, steps=1000, batch_size=128, momentum=0.9,
-          betas=(0.9, 0.999), chunk=None, eig_every=20, eig_k=1, eig_examples=None, eig_iters=100,
-          record_every=1, probes=None, callback=None, log_every=100, seed=0, log=print,
-          clip_norm=1.0, split_quantile=0.1, split_lr=1e-3, preconditioned=False, record_sign_flips=False):
-    """Train `model` on (x, y) and record the quantities the paper looks at.
-
-    optimizer: "gd"    full-batch gradient descent θ <- θ - lr ∇L(θ), L the mean loss over all N
-                       examples; the gradient is accumulated over chunks of `chunk` examples, each
-                       contributing ∇(sum of its losses)/N, which equals the one-batch gradient.
-               "sgd"   minibatch SGD with heavy-ball momentum (torch.optim.SGD), `batch_size`
-                       examples per step drawn by a seeded reshuffle each epoch.
-               "adam"  Adam (torch.optim.Adam) on the same minibatches.
-               "clip"  "sgd" after rescaling the minibatch gradient g to g · min(1, clip_norm / |g|)
-                       (|g| the Euclidean norm over all parameters).
-               "split" `SplitSGD` (lr for the SGD part, split_lr for the normalized part, quantile
-                       split_quantile, momentum and β1 = betas[0]) on the same minibatches.
-    Every step records, at the parameters θ_t before the update: the loss and accuracy (full
-    training set for gd, the minibatch otherwise; nan for a single-output regression model), the norm
-    |g_t| of the (unclipped) gradient, and the outputs on `probes` [P, ...] if given; with
-    record_sign_flips, per parameter tensor the number of coordinates whose gradient sign is
-    opposite to the previous step's (nan at step 0).
-    Every `record_every` steps (default: every step) it records the per-example losses of all N
-    training examples: for gd from the step's own forward pass (no extra pass), otherwise by
-    an extra forward pass over the whole set. Every `eig_every` steps: the top `eig_k` Hessian
-    eigenvalues of the mean loss over the first `eig_examples` examples (`top_eigenvalues`,
-    warm-started from the previous eigenvectors), then `callback(step, model, eigenvalues,
-    eigenvectors)` if given, whose return value is kept in history["callback"]. With preconditioned
-    (adam and split only) also the top eig_k eigenvalues of P^{-1/2} H P^{-1/2}, P the optimizer's
-    current preconditioner (`adam_preconditioner`, `SplitSGD.preconditioner`; nan before the first step),
-    to be compared with history["threshold"] = `stability_threshold`.
-
-    A non-finite loss stops the run with a message (history["diverged"]); everything recorded up to
-    then is returned. Seeded: two runs with the same seed and model init give identical records on
-    CPU. Returns a dict of numpy arrays: step, loss, accuracy, grad_norm, per_example_loss [T, N]
-    (float32), probe_output [T, P, C], eig_step, eigenvalues [E, k], record_step, preconditioned_eigenvalues
-    [E, k] (with preconditioned), sign_flip [T, n_tensors] (with record_sign_flips), threshold (float),
-    and "diverged" (None or str). Needs `top_eigenvalues` (and through it `hvp`, `lanczos`), `SplitSGD`,
-    `adam_preconditioner`, `stability_threshold`.
-    """
-    if optimizer not in ("gd", "sgd", "adam", "clip", "split"):
-        raise ValueError(f"unknown optimizer {optimizer!r}: use 'gd', 'sgd', 'adam', 'clip' or 'split'")
-    if preconditioned and optimizer not in ("adam", "split"):
-        raise ValueError(f"preconditioned sharpness needs an adaptive optimizer ('adam' or 'split'), not {optimizer!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr, betas=betas)
-    elif optimizer == "split":
-        opt = SplitSGD(params, lr=lr, normalized_lr=split_lr, quantile=split_quantile, momentum=momentum, betas=betas)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.0 if optimizer == "gd" else momentum)
-    threshold = stability_threshold(optimizer, lr, momentum, betas)
+    check_examples(x, y)
     n, chunk = len(x), chunk or len(x)
-    eig_x, eig_y = x[:eig_examples or n], y[:eig_examples or n]
+    if steps < 0 or chunk < 1 or (batch_size is not None and not 1 <= batch_size <= n):
+        raise ValueError(f"train: need steps >= 0 (got {steps}), chunk >= 1 (got {chunk}) and batch_size None "
+                         f"(full batch) or in 1..{n} (got {batch_size})")
+    params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
     order, cursor = torch.randperm(n, generator=generator), 0
-    record = {key: [] for key in ("step", "loss", "accuracy", "grad_norm", "per_example_loss", "probe_output",
-                                  "record_step", "eig_step", "eigenvalues", "preconditioned_eigenvalues",
-                                  "sign_flip", "callback")}
-    record["diverged"], eigenvectors, preconditioned_vectors, start_time = None, None, None, time.time()
-    previous_signs = None
+    history = {"step": [], "loss": [], "accuracy": [], "grad_norm": [], "per_example_loss": [], "measured": [],
+               "diverged": None}
+    start_time = time.time()
     for step in range(steps):
-        opt.zero_grad(set_to_none=True)
-        if optimizer == "gd":
-            losses, correct = [], 0
+        optimizer.zero_grad(set_to_none=True)
+        if batch_size is None:                  # full batch: every example, in chunks
+            losses, outputs = [], []
             for start in range(0, n, chunk):
-                outputs = model(x[start:start + chunk])
-                example_losses = loss_fn(outputs, y[start:start + chunk])
-                (example_losses.sum() / n).backward()
-                losses.append(example_losses.detach())
-                correct += int((outputs.argmax(-1) == y[start:start + chunk]).sum()) if outputs.shape[-1] > 1 else 0
+                chunk_outputs = model(x[start:start + chunk])
+                chunk_losses = loss_fn(chunk_outputs, y[start:start + chunk])
+                (chunk_losses.sum() / n).backward()
+                losses.append(chunk_losses.detach())
+                outputs.append(chunk_outputs.detach().argmax(-1) if chunk_outputs.shape[-1] > 1 else None)
             losses = torch.cat(losses)
-            loss, accuracy = float(losses.mean()), correct / n if outputs.shape[-1] > 1 else float("nan")
-            if step % record_every == 0:
-                record["record_step"].append(step)
-                record["per_example_loss"].append(losses.float().cpu())
-        else:
-            if step % record_every == 0:
-                record["record_step"].append(step)
-                record["per_example_loss"].append(per_example_losses(model, loss_fn, x, y).float().cpu())
+            history["per_example_loss"].append(losses.float().cpu())
+            loss = float(losses.mean())
+            accuracy = float((torch.cat(outputs) == y).float().mean()) if outputs[0] is not None else math.nan
+        else:                                   # minibatch: the next batch_size of a seeded reshuffle
             if cursor + batch_size > n:
                 order, cursor = torch.randperm(n, generator=generator), 0
             batch = order[cursor:cursor + batch_size].to(x.device)
@@ -828,104 +629,136 @@ def train(model, x, y, loss_fn, optimizer="gd", lr=0.01, steps=1000, batch_size=
             batch_loss = loss_fn(outputs, y[batch]).mean()
             batch_loss.backward()
             loss = float(batch_loss.detach())
-            accuracy = float((outputs.argmax(-1) == y[batch]).float().mean()) if outputs.shape[-1] > 1 else float("nan")
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        record["grad_norm"].append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
-        if record_sign_flips:
-            signs = [torch.sign(g).to(torch.int8) for g in grads]
-            record["sign_flip"].append([float("nan")] * len(grads) if previous_signs is None else torch.stack(
-                [(s * prev < 0).sum() for s, prev in zip(signs, previous_signs)]).tolist())
-            previous_signs = signs
-        record["step"].append(step)
-        record["loss"].append(loss)
-        record["accuracy"].append(accuracy)
-        if probes is not None:
-            with torch.no_grad():
-                record["probe_output"].append(model(probes).float().cpu())
-        if not math.isfinite(loss):
-            sharpness = record["eigenvalues"][-1][0] if record["eigenvalues"] else float("nan")
-            record["diverged"] = (f"training diverged at step {step} (loss {loss}): lr={lr} is too large "
-                                  f"(last sharpness {sharpness:.1f}, stability threshold {threshold:.1f}); lower lr. "
-                                  f"Steps 0..{step - 1} are kept.")
-            log(record["diverged"])
+            accuracy = float((outputs.argmax(-1) == y[batch]).float().mean()) if outputs.shape[-1] > 1 else math.nan
+        if step == 0:
+            check_examples(x, y, chunk_outputs if batch_size is None else outputs)
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        for key, value in (("step", step), ("loss", loss), ("accuracy", accuracy), ("grad_norm", grad_norm)):
+            history[key].append(value)
+        problem = None if math.isfinite(loss) else f"loss {loss}"
+        if measure is not None and problem is None:
+            try:
+                measured = measure(step, model, optimizer)
+                if measured is not None:
+                    history["measured"].append(dict(measured, step=step))
+            except FloatingPointError as error:
+                problem = str(error)
+        if problem is not None:
+            last = [m["eigenvalues"][0] for m in history["measured"] if "eigenvalues" in m]
+            lr = optimizer.param_groups[0]["lr"]
+            history["diverged"] = (
+                f"training diverged at step {step} ({problem}); last sharpness "
+                f"{last[-1] if last else math.nan:.4g}, gradient descent's threshold 2/lr = "
+                f"{2 / lr if lr > 0 else math.inf:.4g} at lr = {lr:.4g}: lower the learning rate. "
+                f"Steps 0..{step} are kept in the history.")
+            if log:
+                log(history["diverged"])
             break
-        if eig_every and step % eig_every == 0:
-            eigenvalues, eigenvectors, _ = top_eigenvalues(
-                model, loss_fn, eig_x, eig_y, k=eig_k, chunk=chunk, iters=eig_iters, seed=seed, v0=eigenvectors)
-            record["eig_step"].append(step)
-            record["eigenvalues"].append(eigenvalues.tolist())
-            if preconditioned:
-                P = adam_preconditioner(opt) if optimizer == "adam" else opt.preconditioner()
-                if P is None:
-                    record["preconditioned_eigenvalues"].append([float("nan")] * eig_k)
-                else:
-                    values, preconditioned_vectors, _ = top_eigenvalues(
-                        model, loss_fn, eig_x, eig_y, k=eig_k, chunk=chunk, iters=eig_iters, seed=seed,
-                        v0=preconditioned_vectors, preconditioner=P)
-                    record["preconditioned_eigenvalues"].append(values.tolist())
-            if callback is not None:
-                record["callback"].append(callback(step, model, eigenvalues, eigenvectors))
-        if optimizer == "clip":
+        if clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, clip_norm)
-        opt.step()
-        if log_every and (step % log_every == 0 or step == steps - 1):
+        optimizer.step()
+        if log and (step % max(1, steps // 10) == 0 or step == steps - 1):
             elapsed = time.time() - start_time
-            sharpness = record["eigenvalues"][-1][0] if record["eigenvalues"] else float("nan")
-            limit = "2/lr" if optimizer == "gd" else "threshold"
-            extra = (f"| preconditioned {record['preconditioned_eigenvalues'][-1][0]:8.2f} "
-                     if preconditioned and record["preconditioned_eigenvalues"] else "")
-            log(f"step {step:5d} | loss {loss:.4f} | acc {accuracy:.3f} | sharpness {sharpness:8.2f} {extra}| "
-                f"{limit} {threshold:7.2f} | {elapsed:6.1f}s elapsed, "
-                f"{elapsed / (step + 1) * (steps - step - 1):6.1f}s left")
-    history = {key: np.asarray(record[key]) for key in ("step", "loss", "accuracy", "grad_norm", "record_step",
-                                                        "eig_step")}
-    history["eigenvalues"] = np.asarray(record["eigenvalues"], dtype=np.float64).reshape(-1, eig_k)
-    if preconditioned:
-        history["preconditioned_eigenvalues"] = np.asarray(record["preconditioned_eigenvalues"],
-                                                           dtype=np.float64).reshape(-1, eig_k)
-    if record_sign_flips:
-        history["sign_flip"] = np.asarray(record["sign_flip"], dtype=np.float64).reshape(-1, len(params))
-    history["per_example_loss"] = (torch.stack(record["per_example_loss"]).numpy() if record["per_example_loss"]
-                                   else np.zeros((0, n), np.float32))
-    if probes is not None:
-        history["probe_output"] = (torch.stack(record["probe_output"]).numpy() if record["probe_output"]
-                                   else np.zeros((0, len(probes), 0), np.float32))
-    history["callback"], history["diverged"], history["threshold"] = record["callback"], record["diverged"], threshold
-    return history
+            last = [m["eigenvalues"][0] for m in history["measured"] if "eigenvalues" in m]
+            log(f"step {step:5d} | loss {loss:.4f} | acc {accuracy:.3f} | sharpness "
+                f"{last[-1] if last else math.nan:8.2f} | {elapsed:6.1f}s, "
+                f"ETA {elapsed / (step + 1) * (steps - step - 1):6.1f}s")
+    result = {key: np.asarray(history[key], dtype=np.float64) for key in ("step", "loss", "accuracy", "grad_norm")}
+    result["step"] = result["step"].astype(np.int64)
+    result["per_example_loss"] = (torch.stack(history["per_example_loss"]).numpy() if history["per_example_loss"]
+                                  else np.zeros((0, n), np.float32))
+    return dict(result, measured=history["measured"], diverged=history["diverged"])
 
 
-# ----------------------------------------------------------------------------- 8. Outliers and opposing groups
+def measured(history, key):
+    """The steps [M] and values [M, ...] (numpy) of `key` in a train history's measure records that have it."""
+    records = [m for m in history["measured"] if key in m]
+    return (np.asarray([m["step"] for m in records], dtype=np.int64),
+            np.asarray([np.asarray(m[key], dtype=np.float64) for m in records]))
 
-def loss_spikes(loss, window=20, factor=1.1):
-    """Steps t where the loss exceeds `factor` times its minimum over the previous `window` steps.
 
-    loss: [T]. A spike is counted at every step of it above the threshold. Returns int64 steps.
+def sharpness_measure(loss_fn, x, y, every=20, k=1, chunk=None, iters=100, preconditioner=None, then=None):
+    """A `measure` hook for `train`: the top-k Hessian eigenvalues of the mean loss every `every` steps.
+
+    At steps 0, every, 2·every, ...: `top_eigenvalues` over (x, y) (a subset of the training set is
+    cheaper), warm-started from the previous call's eigenvectors, recorded as "eigenvalues" [k].
+    preconditioner: a function optimizer -> diagonal P [num params] (or None before the optimizer's
+    first step), e.g. `adaptive_preconditioner`; then also "preconditioned_eigenvalues" [k] of
+    P^-1/2 H P^-1/2 (nan before the first step), the sharpness an adaptive optimizer sees.
+    then(step, model, eigenvalues, eigenvectors) -> dict adds its entries to the record.
+    A non-finite sharpness raises FloatingPointError, which `train` treats as divergence.
+    Returns measure(step, model, optimizer) -> dict or None. Needs `top_eigenvalues`, `check_examples`,
+    `preserved`, `unflatten`, `hvp`, `lanczos`.
     """
-    loss = np.asarray(loss, dtype=np.float64)
-    return np.array([t for t in range(window, len(loss)) if loss[t] > factor * loss[t - window:t].min()],
-                    dtype=np.int64)
+    warm = {"plain": None, "preconditioned": None}
 
+    def measure(step, model, optimizer):
+        if step % every:
+            return None
+        values, vectors, _ = top_eigenvalues(model, loss_fn, x, y, k=k, chunk=chunk, iters=iters, v0=warm["plain"])
+        if not torch.isfinite(values).all():
+            raise FloatingPointError(f"non-finite sharpness {values.tolist()}")
+        warm["plain"], record = vectors, {"eigenvalues": values.numpy()}
+        if preconditioner is not None:
+            P = preconditioner(optimizer)
+            record["preconditioned_eigenvalues"] = np.full(k, np.nan)
+            if P is not None:
+                preconditioned, warm["preconditioned"], _ = top_eigenvalues(
+                    model, loss_fn, x, y, k=k, chunk=chunk, iters=iters, v0=warm["preconditioned"], preconditioner=P)
+                record["preconditioned_eigenvalues"] = preconditioned.numpy()
+        if then is not None:
+            record.update(then(step, model, values, vectors) or {})
+        return record
+
+    return measure
+
+# ----------------------------------------------------------------------------- 7. Edge of stability and opposing groups
 
 def edge_of_stability(eig_step, sharpness, lr):
-    """Progressive sharpening to 2/lr: first step with sharpness >= 2/lr, and how closely it hovers there.
+    """Progressive sharpening up to 2/lr and the hover there, from sharpness measurements.
 
-    eig_step [E], sharpness [E] (top Hessian eigenvalue at those steps). Returns (first crossing
-    step or None, median over measurements from the crossing on of |sharpness - 2/lr| / (2/lr)).
+    eig_step [E], sharpness [E] (top Hessian eigenvalue λ at those steps); threshold 2/lr; "crossed"
+    means λ >= 2/lr. Returns a dict:
+      first          the first measured step with λ >= 2/lr (None if never);
+      hover          median over measurements from that one on of |λ - 2/lr| / (2/lr) (nan if never);
+      initial_ratio  λ at the first measurement / (2/lr): a run that starts at or above the threshold
+                     has not sharpened progressively;
+      rise           λ at the crossing (or the run's maximum, if it never crosses) divided by the
+                     minimum of λ over the measurements before it: how much the sharpness grew.
     """
     threshold = 2.0 / lr
     eig_step, sharpness = np.asarray(eig_step), np.asarray(sharpness, dtype=np.float64)
+    if len(sharpness) == 0:
+        return {"first": None, "hover": math.nan, "initial_ratio": math.nan, "rise": math.nan}
     above = np.nonzero(sharpness >= threshold)[0]
-    if len(above) == 0:
-        return None, float("nan")
-    return int(eig_step[above[0]]), float(np.median(np.abs(sharpness[above[0]:] - threshold) / threshold))
+    end = int(above[0]) if len(above) else int(np.argmax(sharpness))
+    early_minimum = sharpness[:end + 1].min()
+    rise = sharpness[end] / early_minimum if early_minimum > 0 else math.nan
+    hover = float(np.median(np.abs(sharpness[end:] - threshold) / threshold)) if len(above) else math.nan
+    return {"first": int(eig_step[end]) if len(above) else None, "hover": hover,
+            "initial_ratio": float(sharpness[0] / threshold), "rise": float(rise)}
+
+
+def loss_spikes(loss, window=20, factor=1.1):
+    """Loss spike events: maximal runs of consecutive steps t with loss[t] > factor · min(loss[t-window:t]).
+
+    loss: [T]. Counting events rather than steps keeps one long spike from counting many times.
+    Returns int64 [number of events, 2]: the first and last step of each run.
+    """
+    loss = np.asarray(loss, dtype=np.float64)
+    high = np.array([loss[t] > factor * loss[t - window:t].min() for t in range(window, len(loss))], dtype=bool)
+    edges = np.diff(np.concatenate([[0], high.astype(np.int8), [0]]))
+    starts, ends = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0] - 1
+    return np.stack([starts + window, ends + window], axis=1).astype(np.int64) if len(starts) else \
+        np.zeros((0, 2), dtype=np.int64)
 
 
 def top_fraction_share(loss_change, fraction=0.01):
     """Share of the total |loss change| carried by the top `fraction` of examples.
 
     loss_change: [..., N] per-example changes ℓ_i(t+1) - ℓ_i(t). Returns [...] values of
-    sum of the largest ceil(fraction·N) |Δℓ_i| / sum_i |Δℓ_i|. For i.i.d. Gaussian changes and
-    fraction 0.01 it is about 0.036 (E|z| over the top 1% tail / E|z|); heavy tails give more.
+    Σ of the largest ceil(fraction·N) |Δℓ_i| / Σ_i |Δℓ_i|. For i.i.d. Gaussian changes and fraction
+    0.01 it is about 0.036, for Laplace changes about 0.056; compare a run with its own earlier steps.
     """
     magnitude = np.abs(np.asarray(loss_change, dtype=np.float64))
     top = max(1, int(math.ceil(fraction * magnitude.shape[-1])))
@@ -933,67 +766,38 @@ def top_fraction_share(loss_change, fraction=0.01):
     return largest.sum(-1) / np.maximum(magnitude.sum(-1), 1e-300)
 
 
-def sky_mask(images, rows=0.25, fraction=0.7):
-    """Which images have a sky background: a simple, documented pixel rule.
-
-    images: uint8 [N, H, W, 3]. A pixel is "sky" when it is blue-dominant and not dark:
-    B > R + 10, B >= G and B > 80 (0..255 units). An image has a sky background when at least
-    `fraction` of the pixels in its top `rows` fraction of rows are sky. Returns bool [N].
-    (Overcast grey skies are missed and blue water at the top counts; the rule is deliberately
-    crude so that the groups are defined by a visible feature, not by the network.)
-    """
-    top = images[:, : max(1, int(round(rows * images.shape[1])))].to(torch.int32)
-    red, green, blue = top[..., 0], top[..., 1], top[..., 2]
-    sky = (blue > red + 10) & (blue >= green) & (blue > 80)
-    return sky.flatten(1).float().mean(1) >= fraction
-
-
-def sky_probe(images, mask, mean, std):
-    """A uniform image of the average sky colour, normalized exactly like the training data.
-
-    images uint8 [N, H, W, 3], mask bool [N] (e.g. `sky_mask`), mean/std from `normalize`.
-    The colour is the mean RGB of the top-quarter pixels of the masked images. Returns
-    (probe float32 [1, 3, H, W], rgb [3] in 0..255).
-    """
-    top = images[mask][:, : max(1, images.shape[1] // 4)].reshape(-1, 3).float()
-    rgb = top.mean(0)
-    probe = rgb.view(1, 1, 1, 3).expand(1, images.shape[1], images.shape[2], 3).round().to(torch.uint8)
-    x = probe.permute(0, 3, 1, 2).float() / 255
-    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), rgb
-
-
 def change_correlation(a, b):
-    """Pearson correlation of the step-to-step changes of two series: corr(diff(a), diff(b))."""
+    """Pearson correlation of the step-to-step changes of two series: corr(diff(a), diff(b)) (nan if flat)."""
     da, db = np.diff(np.asarray(a, dtype=np.float64)), np.diff(np.asarray(b, dtype=np.float64))
-    if da.std() == 0 or db.std() == 0:
-        return float("nan")
+    if len(da) < 2 or da.std() == 0 or db.std() == 0:
+        return math.nan
     return float(np.corrcoef(da, db)[0, 1])
 
 
 def opposing_groups(model, loss_fn, x, y, lr, eigenvectors, top=30, seed=0):
-    """Find the examples that move most in one GD step and split them into the two opposing groups.
+    """Find the examples that move most in one GD step and split them into two opposing groups.
 
     At parameters θ (the model as given), with the gradient g = ∇L(θ) of the mean loss, the GD step
     θ' = θ - lr·g is taken on trial (the parameters are restored exactly afterwards) and
     Δℓ_i = ℓ_i(θ') - ℓ_i(θ) measured for every example. The `top` examples by |Δℓ_i| are the
-    outliers of this step; `top` random others are a control.
+    outliers of this step.
 
     Split rule (our reconstruction): V = eigenvectors [P, k] span the sharp subspace (k = 1 is the
     top eigenvector; with MSE several eigenvalues sit at 2/lr together, so pass 5-10). The step's
-    oscillating direction there is u = V Vᵀg / |Vᵀg|. Each outlier's per-example gradient g_i is
+    oscillating direction there is u = V Vᵀg / |Vᵀg|, and each outlier's per-example gradient g_i is
     projected on it: s_i = <g_i, u>. To first order the sharp part of the step changes ℓ_i by
-    -lr·|Vᵀg|·s_i, so the group s_i > 0 is predicted to go down and s_i < 0 to go up: the two
-    groups pull the parameters in opposite directions along the sharp subspace.
+    -lr·|Vᵀg|·s_i, so s_i < 0 is predicted to go up and s_i > 0 down. How often that prediction
+    matches the actual sign of Δℓ_i is a check of the linearization (balanced accuracy), not evidence
+    of opposing signals. Any sign split makes the two groups' mean gradients point apart, so the same
+    rule is applied to `top` random non-outliers as the control of their cosine.
 
-    Returns a dict of numpy values: index [top] (by decreasing |Δℓ|), loss_change [top],
-    projection s [top], predicted_up bool [top], cos_subspace [top] = |Vᵀg_i| / |g_i| and
-    cos_subspace_random [top] for the control examples, agreement (fraction of outliers whose
-    actual sign of Δℓ matches the prediction), n_up / n_down (actual), group_mean_cosine (cosine of
-    the mean gradients of the predicted-up and predicted-down groups; nan if one is empty), and
-    loss_change_all [N]. Needs `per_example_grads`.
+    Returns a dict of numpy values: index [top] (by decreasing |Δℓ|), loss_change [top], projection
+    [top], predicted_up bool [top], cos_subspace [top] = |Vᵀg_i| / |g_i|, linearization_balanced_accuracy,
+    n_up / n_down (actual), group_mean_cosine and group_mean_cosine_random (cosine of the two predicted
+    groups' mean gradients, for the outliers and for the random examples; nan if a group is empty),
+    random_index [top], and loss_change_all [N]. Needs `per_example_grads`.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    n = len(x)
     with torch.no_grad():
         before = loss_fn(model(x), y)
     grads = torch.autograd.grad(loss_fn(model(x), y).mean(), params)
@@ -1009,31 +813,198 @@ def opposing_groups(model, loss_fn, x, y, lr, eigenvectors, top=30, seed=0):
     order = torch.argsort(change.abs(), descending=True)
     outliers = order[:top]
     generator = torch.Generator().manual_seed(seed)
-    rest = order[top:][torch.randperm(n - top, generator=generator)[:top].to(order.device)]
+    random = order[top:][torch.randperm(len(x) - top, generator=generator)[:top].to(order.device)]
     V = eigenvectors.to(flat_grad.dtype)
     coefficients = V.T @ flat_grad
     u = V @ (coefficients / coefficients.norm().clamp_min(1e-30))
-    g_out = per_example_grads(model, loss_fn, x[outliers], y[outliers])
-    g_rand = per_example_grads(model, loss_fn, x[rest], y[rest])
-    projection = g_out @ u
-    predicted_up = projection < 0
+
+    def split(g):
+        """Predicted-up mask and the cosine of the two predicted groups' mean gradients."""
+        up = (g @ u) < 0
+        if not up.any() or up.all():
+            return up, math.nan
+        return up, float(F.cosine_similarity(g[up].mean(0), g[~up].mean(0), dim=0))
+
+    g_out, g_random = per_example_grads(model, loss_fn, x[outliers], y[outliers]), \
+        per_example_grads(model, loss_fn, x[random], y[random])
+    predicted_up, group_cosine = split(g_out)
+    _, random_cosine = split(g_random)
     actual_up = change[outliers] > 0
-    up_mean, down_mean = g_out[predicted_up].mean(0), g_out[~predicted_up].mean(0)
-    group_cos = (float(F.cosine_similarity(up_mean, down_mean, dim=0))
-                 if predicted_up.any() and (~predicted_up).any() else float("nan"))
-
-    def subspace_cosine(g):
-        return ((g @ V).norm(dim=1) / g.norm(dim=1).clamp_min(1e-30)).cpu().numpy()
-
+    recalls = [float((predicted_up[actual_up == side] == side).float().mean())
+               for side in (True, False) if (actual_up == side).any()]
     return {"index": outliers.cpu().numpy(), "loss_change": change[outliers].cpu().numpy(),
-            "projection": projection.double().cpu().numpy(), "predicted_up": predicted_up.cpu().numpy(),
-            "cos_subspace": subspace_cosine(g_out), "cos_subspace_random": subspace_cosine(g_rand),
-            "agreement": float((predicted_up == actual_up).float().mean()),
+            "projection": (g_out @ u).double().cpu().numpy(), "predicted_up": predicted_up.cpu().numpy(),
+            "cos_subspace": ((g_out @ V).norm(dim=1) / g_out.norm(dim=1).clamp_min(1e-30)).cpu().numpy(),
+            "linearization_balanced_accuracy": float(np.mean(recalls)),
             "n_up": int(actual_up.sum()), "n_down": int((~actual_up).sum()),
-            "group_mean_cosine": group_cos, "loss_change_all": change.float().cpu().numpy()}
+            "group_mean_cosine": group_cosine, "group_mean_cosine_random": random_cosine,
+            "random_index": random.cpu().numpy(), "loss_change_all": change.float().cpu().numpy()}
 
 
-# ----------------------------------------------------------------------------- 9. Two-layer linear model of opposing signals
+def post_selection_correlation(per_example_loss, step, up, down, length=40, gap=2, seed=0):
+    """Anti-phase of two groups after they were selected, against a random split of the same examples.
+
+    per_example_loss [T, N]; the groups were selected from the change between steps `step` and
+    step + 1, so the measurement starts `gap` steps later (leaving that change out) and runs for
+    `length` steps: corr of the step-to-step changes of the up group's and the down group's mean
+    loss (`change_correlation`). Control: the same examples, split at random into groups of the same
+    sizes; it shares every property of the selection (loss level, common-mode oscillation) except
+    the split itself. Returns (selected, control) floats; nan when fewer than 10 steps remain.
+    Needs `change_correlation`.
+    """
+    losses = np.asarray(per_example_loss, dtype=np.float64)
+    span = losses[step + gap:min(len(losses), step + gap + length)]
+    if len(span) < 10 or len(up) == 0 or len(down) == 0:
+        return math.nan, math.nan
+    members = np.random.default_rng(seed).permutation(np.concatenate([up, down]))
+    shuffled_up, shuffled_down = members[:len(up)], members[len(up):]
+    return (change_correlation(span[:, up].mean(1), span[:, down].mean(1)),
+            change_correlation(span[:, shuffled_up].mean(1), span[:, shuffled_down].mean(1)))
+
+
+def pair_significance(features, labels, up, down, candidates, series=None, draws=200, seed=0):
+    """Is an opposing pair more than its classes? Two statistics, each against a class-matched null.
+
+    features [N, D]: each example's input, flattened (for images: the normalized pixels).
+    up, down: indices of the two groups; candidates: bool [N], the examples the null may draw from
+    (not outliers). Statistics:
+      coherence   mean cosine similarity between an up member and a down member, of the features
+                  centred on the mean over all N examples: a feature the two groups share beyond their
+                  labels (a common background) makes it large; confusable classes alone do not.
+      antiphase   (given series [S, N], e.g. per-example losses over a window after the selection) the
+                  corr of the step-to-step changes of the two groups' mean series (`change_correlation`).
+    Null: `draws` pairs of groups with the same class composition and sizes as (up, down), drawn
+    without replacement from the candidates of each class. p-values (1 + #null at least as extreme)
+    / (1 + draws): large coherence, negative antiphase. Returns a dict of floats: coherence,
+    coherence_null (median), coherence_p, and with series antiphase, antiphase_null, antiphase_p.
+    Needs `change_correlation`.
+    """
+    features = torch.as_tensor(features, dtype=torch.float64).flatten(1)
+    centred = features - features.mean(0)
+    unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    labels, candidates = np.asarray(labels), np.asarray(candidates, dtype=bool)
+    up, down = np.asarray(up), np.asarray(down)
+    rng = np.random.default_rng(seed)
+
+    def statistics(first, second):
+        coherence = float((unit[first] @ unit[second].T).mean())
+        if series is None:
+            return coherence, math.nan
+        values = np.asarray(series, dtype=np.float64)
+        return coherence, change_correlation(values[:, first].mean(1), values[:, second].mean(1))
+
+    def class_matched(group, taken):
+        drawn = []
+        for cls, count in zip(*np.unique(labels[group], return_counts=True)):
+            pool = np.flatnonzero(candidates & (labels == cls) & ~taken)
+            if len(pool) < count:
+                return None
+            choice = rng.choice(pool, size=count, replace=False)
+            taken[choice] = True
+            drawn.append(choice)
+        return np.concatenate(drawn)
+
+    if len(up) == 0 or len(down) == 0:
+        return dict.fromkeys(("coherence", "coherence_null", "coherence_p") + (
+            () if series is None else ("antiphase", "antiphase_null", "antiphase_p")), math.nan)
+    observed = statistics(up, down)
+    null = []
+    for _ in range(draws):
+        taken = np.zeros(len(labels), dtype=bool)
+        first = class_matched(up, taken)
+        second = class_matched(down, taken) if first is not None else None
+        if second is not None:
+            null.append(statistics(first, second))
+    null = np.asarray(null, dtype=np.float64).reshape(-1, 2)
+    result = {"coherence": observed[0], "coherence_null": float(np.median(null[:, 0])) if len(null) else math.nan,
+              "coherence_p": float((1 + np.sum(null[:, 0] >= observed[0])) / (1 + len(null)))}
+    if series is not None:
+        finite = null[np.isfinite(null[:, 1]), 1]
+        result.update(antiphase=observed[1], antiphase_null=float(np.median(finite)) if len(finite) else math.nan,
+                      antiphase_p=float((1 + np.sum(finite <= observed[1])) / (1 + len(finite))))
+    return result
+
+
+def group_pair_contrast(series, first, second, first_pool, second_pool, draws=200, seed=0):
+    """How much more two groups move in anti-phase than size-matched control groups, with a bootstrap CI.
+
+    series [T, N] (e.g. per-example losses over a window); first, second: bool [N] or index arrays of
+    the pair (e.g. sky airplanes and sky birds/ships); first_pool, second_pool: where the control pair
+    is drawn from (e.g. no-sky airplanes and no-sky birds/ships), each control group the size of its
+    counterpart, `draws` times. pair = corr of changes of the two groups' mean series
+    (`change_correlation`); control = median over draws of the same for the control pairs;
+    contrast = control - pair (> 0: the pair is more opposed). The 95% interval resamples the pair's
+    members with replacement and draws a fresh control pair each time. Returns a dict of floats:
+    pair, control, contrast, low, high. Needs `change_correlation`.
+    """
+    values = np.asarray(series, dtype=np.float64)
+    groups = [np.flatnonzero(g) if np.asarray(g).dtype == bool else np.asarray(g)
+              for g in (first, second, first_pool, second_pool)]
+    rng = np.random.default_rng(seed)
+
+    def corr(a, b):
+        return change_correlation(values[:, a].mean(1), values[:, b].mean(1))
+
+    def control_pair():
+        return corr(rng.choice(groups[2], min(len(groups[0]), len(groups[2])), replace=False),
+                    rng.choice(groups[3], min(len(groups[1]), len(groups[3])), replace=False))
+
+    if min(len(g) for g in groups) == 0:
+        return {key: math.nan for key in ("pair", "control", "contrast", "low", "high")}
+    pair, control = corr(groups[0], groups[1]), float(np.nanmedian([control_pair() for _ in range(draws)]))
+    bootstrap = [control_pair() - corr(rng.choice(groups[0], len(groups[0])), rng.choice(groups[1], len(groups[1])))
+                 for _ in range(draws)]
+    low, high = np.nanpercentile(bootstrap, [2.5, 97.5])
+    return {"pair": pair, "control": control, "contrast": control - pair, "low": float(low), "high": float(high)}
+
+
+def class_pairs(labels, selections, class_names):
+    """Which classes oppose each other: for each selection (up indices, down indices), the majority class
+    of each group, as a sorted name pair. labels [N]. Returns [(pair, count)] by decreasing count."""
+    labels, counts = np.asarray(labels), {}
+    for up, down in selections:
+        if len(up) and len(down):
+            pair = tuple(sorted((class_names[np.bincount(labels[up]).argmax()],
+                                 class_names[np.bincount(labels[down]).argmax()])))
+            counts[pair] = counts.get(pair, 0) + 1
+    return sorted(counts.items(), key=lambda item: -item[1])
+
+
+# The sky feature: a documented pixel rule defines the groups, so that they come from the images, not
+# from the network. Probes are uniform images: how the network's output on a flat sky-coloured image
+# moves tells how it uses the colour itself.
+
+def sky_fraction(images, rows=0.25):
+    """Fraction of "sky" pixels in each image's top `rows` of rows: blue-dominant and not dark,
+    B > R + 10, B >= G and B > 80 (0..255). images uint8 [N, H, W, 3] -> float [N]."""
+    top = images[:, : max(1, int(round(rows * images.shape[1])))].to(torch.int32)
+    red, green, blue = top[..., 0], top[..., 1], top[..., 2]
+    return ((blue > red + 10) & (blue >= green) & (blue > 80)).flatten(1).float().mean(1)
+
+
+def sky_groups(images, sky_at=0.7, clear_below=0.1, flat_below=20.0, rows=0.25):
+    """Images with a sky background, and images clearly without one; the ambiguous ones are in neither.
+
+    sky:    at least `sky_at` of the top quarter's pixels are sky (`sky_fraction`).
+    no sky: at most `clear_below` are, and the top quarter is not flat (the std of its luminance is at
+            least `flat_below` grey levels): grey overcast skies and other uniform backgrounds, the
+            kind of feature that could itself be an opposing signal, are excluded from the control.
+    The rule is crude by design (blue water at the top counts as sky). Returns (sky, no_sky) bool [N].
+    Needs `sky_fraction`.
+    """
+    fraction = sky_fraction(images, rows)
+    top = images[:, : max(1, int(round(rows * images.shape[1])))].float()
+    luminance_std = (top @ torch.tensor([0.299, 0.587, 0.114])).flatten(1).std(1)
+    return fraction >= sky_at, (fraction <= clear_below) & (luminance_std >= flat_below)
+
+
+def uniform_probe(rgb, mean, std, size=32):
+    """A uniform image of colour `rgb` (0..255), normalized like the training data (mean/std from
+    `normalize`): float32 [1, 3, size, size]."""
+    colour = torch.as_tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).round() / 255
+    return ((colour - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).expand(1, 3, size, size).contiguous()
+
+# ----------------------------------------------------------------------------- 8. Two-layer linear model of opposing signals
 #
 # OUR RECONSTRUCTION. The paper analyses a two-layer linear network on "a simple model of opposing
 # signals"; its text is not available to us, so the model, the data and the derivation below are
@@ -1094,7 +1065,7 @@ def make_opposing_signal_data(n_pairs=200, n_plain=800, alpha=7.0, scales=(1.0, 
     residual on the signal-bearing examples keeps the sign of −offset, which is what makes a weight
     on x_o help one group and hurt the other (their loss difference is exactly −2 α offset w_o for the
     two-layer linear model). It changes neither ∇_w L nor the Hessian, only the loss. A ReLU network
-    can fit it by computing |x_o| (section 10).
+    can fit it by computing |x_o| (section 9).
 
     Returns x [N, 1 + k], y [N] (dtype), sign [N] int64 in {+1, −1, 0}; rows ordered +1 group, −1 group, plain.
     """
@@ -1163,7 +1134,7 @@ def opposing_rayleigh_quotient(model, x, y, feature=0):
 
     θ_o = (b e_oᵀ, A e_o)/√S, S = |A e_o|² + |b|² (unit norm). With Σ = xᵀx/N, g = xᵀr/N (r = f(x) − y)
     and ẇ = (|b|² e_o + Aᵀ A e_o)/√S:  θ_oᵀ H θ_o = ẇᵀ Σ ẇ + 2 w_o g_o / S, the Gauss-Newton and residual
-    terms of section 9's derivation with nothing dropped (for make_opposing_signal_data it equals
+    terms of this section's derivation with nothing dropped (for make_opposing_signal_data it equals
     p α² S + |Σ_g^½ A_gᵀa|²/S + 2 p α² w_o²/S). A lower bound on the sharpness (Courant-Fischer) that
     is tight when θ_o is the top eigenvector. x [N, d], y [N]. Returns a float.
     """
@@ -1176,15 +1147,6 @@ def opposing_rayleigh_quotient(model, x, y, feature=0):
         gradient = residual @ x / len(x)
         second_moment = x.T @ x / len(x)
         return float(w_dot @ second_moment @ w_dot + 2 * (a @ b) * gradient[feature] / norm_sq)
-
-
-def sign_change_fraction(values):
-    """Fraction of consecutive pairs (t, t+1) whose signs differ: mean over t of [v_t v_{t+1} < 0].
-
-    values [T] -> float in [0, 1] (nan for T < 2). 1 for a period-2 oscillation around zero.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    return float(np.mean(values[1:] * values[:-1] < 0)) if len(values) > 1 else float("nan")
 
 
 def period_two_fraction(values):
@@ -1204,13 +1166,13 @@ def period_two_fraction(values):
 def oscillation_episode(group_loss_plus, group_loss_minus, sharpness, threshold, rel_gap=0.1):
     """Steps of an edge-of-stability episode in which the two opposing groups' losses visibly split.
 
-    A step t belongs to it when t is at or after the first step with sharpness[t] > threshold (2/lr)
+    A step t belongs to it when t is at or after the first step with sharpness[t] >= threshold (2/lr)
     and |L+ − L−| >= rel_gap · (L+ + L−)/2, i.e. the opposing weight moves the two groups' mean losses
     apart by at least rel_gap (10%) of their average. All arrays [T] (per step). Returns a bool mask [T]
     (all False if the sharpness never crosses the threshold).
     """
     plus, minus, sharpness = (np.asarray(v, dtype=np.float64) for v in (group_loss_plus, group_loss_minus, sharpness))
-    crossed = np.nonzero(sharpness > threshold)[0]
+    crossed = np.nonzero(sharpness >= threshold)[0]
     mask = np.zeros(len(plus), dtype=bool)
     if len(crossed):
         gap = np.abs(plus - minus) >= rel_gap * (plus + minus) / 2
@@ -1230,9 +1192,9 @@ def consecutive_sign_changes(values, mask):
     return float(np.mean((values[1:] * values[:-1] < 0)[pairs])), int(pairs.sum())
 
 
-# ----------------------------------------------------------------------------- 10. Toy network
+# ----------------------------------------------------------------------------- 9. Toy network
 #
-# OUR RECONSTRUCTION of the paper's toy example. The data are those of section 9: a rare coordinate
+# OUR RECONSTRUCTION of the paper's toy example. The data are those of section 8: a rare coordinate
 # x_0 = ±α on a fraction p of the examples, no information about y in its sign, and a target offset
 # that depends on |x_0| only. A one-hidden-layer ReLU network f(x) = vᵀ relu(U x + c) + c_2 trained by
 # full-batch GD on the squared error starts with every ReLU active on both signs of x_0 (small U,
@@ -1334,11 +1296,170 @@ def group_gradients(model, loss_fn, x, y, groups):
     return grads
 
 
-# ----------------------------------------------------------------------------- 11. Adam versus SGD: where the sharp direction lives
+
+
+def half_learned_step(even):
+    """First step at which the network's |x_0| (even) response reaches half its final value.
+
+    even [T]: the even part from `odd_even_parts`. For the squared-error toy the final value is about
+    the target offset; for the cross-entropy toy it is the margin the network ends with. Returns T
+    (never) when the final value is not positive.
+    """
+    even = np.asarray(even, dtype=np.float64)
+    learned = even >= even[-1] / 2 if even[-1] > 0 else np.zeros(len(even), dtype=bool)
+    return int(np.argmax(learned)) if learned.any() else len(even)
+
+# ----------------------------------------------------------------------------- 10. Optimizers: Adam versus SGD
 #
-# Opposing signals produce large, sign-flipping gradients in a few parameters. These functions say in
-# which layers the top Hessian eigenvector and the gradient's sign flips live, and how strongly the
-# groups of examples whose losses move most keep oscillating under a stochastic optimizer.
+# Adam divides each coordinate's step by the running RMS of its gradient; plain SGD does not. What an
+# optimizer "sees" as sharpness is then the top eigenvalue of P^-1/2 H P^-1/2, P its diagonal
+# preconditioner (`top_eigenvalues(..., preconditioner=P)`), to be compared with its own stability
+# threshold. Opposing signals produce large, sign-flipping gradients in a few parameters; SplitSGD
+# (OUR RECONSTRUCTION of the paper's proposal) gives Adam's step only to those coordinates. The last
+# functions say in which layers the sharp direction and the sign flips live, and how strongly the
+# groups of examples whose losses move most keep oscillating under minibatch noise.
+
+
+def adam_denominator(exp_avg_sq, step, beta2, eps):
+    """Adam's per-coordinate divisor sqrt(v̂) + ε, v̂ = v / (1 − β2^t) the bias-corrected running second
+    moment after t steps, in torch.optim.Adam's operation order (so results match it to the last bit)."""
+    return exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** float(step)) + eps
+
+
+def top_quantile_mask(values, quantile):
+    """Boolean mask of the round(quantile · n) largest entries of `values` (any shape, n entries).
+
+    quantile 0 selects nothing and 1 everything; ties at the boundary are broken by torch.topk, so
+    exactly round(quantile · n) entries are selected. Returns bool, the shape of `values`.
+    """
+    count = int(round(quantile * values.numel()))
+    mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    if count >= values.numel():
+        mask[:] = True
+    elif count > 0:
+        mask[torch.topk(values.reshape(-1), count, sorted=False).indices] = True
+    return mask.view_as(values)
+
+
+class SplitSGD(torch.optim.Optimizer):
+    """SGD with momentum, except that the most "spiky" coordinates of each tensor take Adam's step.
+
+    OUR RECONSTRUCTION of the paper's split-update proposal (its exact rule is not available to us).
+    Per parameter tensor, with gradient g_t, at step t = 1, 2, ...:
+        b_t = μ b_{t-1} + g_t  (b_1 = g_1)                 heavy-ball buffer, as torch.optim.SGD
+        m_t = β1 m_{t-1} + (1 − β1) g_t,  v_t = β2 v_{t-1} + (1 − β2) g_t²   (m_0 = v_0 = 0), as Adam
+        N_t = the round(q · n) coordinates of the tensor with the largest v_t (`top_quantile_mask`)
+        θ ← θ − normalized_lr · m̂_t / (sqrt(v̂_t) + ε)   on N_t,   m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t)
+        θ ← θ − lr · b_t                                   elsewhere.
+    All three statistics are kept for every coordinate so that a coordinate can move between the two
+    sets. q = 0 is exactly torch.optim.SGD(lr, momentum=μ); q = 1 is Adam(normalized_lr, (β1, β2), ε).
+    A large running second moment marks the coordinates with large gradients; where those gradients keep
+    flipping sign (opposing signals), SGD's steps overshoot and Adam's normalization damps them.
+    Needs `adam_denominator`, `top_quantile_mask`.
+    """
+
+    def __init__(self, params, lr, normalized_lr=1e-3, quantile=0.1, momentum=0.9, betas=(0.9, 0.999), eps=1e-8):
+        if not 0.0 <= quantile <= 1.0:
+            raise ValueError(f"quantile {quantile} must be in [0, 1]")
+        super().__init__(params, dict(lr=lr, normalized_lr=normalized_lr, quantile=quantile, momentum=momentum,
+                                      betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter with a gradient (see the class docstring for the maths)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["momentum_buffer"] = g.clone()
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                state["step"] += 1
+                t = state["step"]
+                state["exp_avg"].lerp_(g, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = adam_denominator(state["exp_avg_sq"], t, beta2, group["eps"])
+                normalized_step = state["exp_avg"] / denom * (group["normalized_lr"] / (1 - beta1 ** t))
+                state["normalized"] = top_quantile_mask(state["exp_avg_sq"], group["quantile"])
+                p.sub_(torch.where(state["normalized"], normalized_step, group["lr"] * state["momentum_buffer"]))
+        return loss
+
+    @torch.no_grad()
+    def preconditioner(self):
+        """Per-coordinate P, flat over all parameters in order, such that the update is ≈ lr · P^{-1} b.
+
+        Writing Adam's EMA momentum as a heavy-ball buffer (m = (1 − β1) b for a constant gradient,
+        and bias corrections → 1), the normalized coordinates move by
+        normalized_lr · (1 − β1) / (sqrt(v̂) + ε) · b, so relative to the SGD coordinates' lr · b
+        P = lr · (sqrt(v̂) + ε) / (normalized_lr · (1 − β1)) on the normalized set and 1 elsewhere, with
+        the set of the last step. Then λ_max(P^{-1/2} H P^{-1/2}) < (2 + 2μ) / lr is the quadratic
+        stability condition (exact for μ = β1). Returns None before the first step.
+        """
+        parts = []
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    return None
+                rms = adam_denominator(state["exp_avg_sq"], state["step"], beta2, group["eps"])
+                scaled = group["lr"] * rms / (group["normalized_lr"] * (1 - beta1))
+                parts.append(torch.where(state["normalized"], scaled, torch.ones_like(rms)).reshape(-1))
+        return torch.cat(parts)
+
+
+@torch.no_grad()
+def adaptive_preconditioner(optimizer):
+    """The diagonal preconditioner P of an adaptive optimizer, flat over its parameters in order.
+
+    torch.optim.Adam: P = sqrt(v̂) + ε (`adam_denominator`, bias-corrected as in Cohen et al., 2022);
+    Adam's update is lr · m̂ / P. SplitSGD: its own `preconditioner()`. Any other optimizer: None
+    (it has no preconditioner); also None before the first step.
+    Needs `adam_denominator`, `top_quantile_mask`, `SplitSGD`.
+    """
+    if isinstance(optimizer, SplitSGD):
+        return optimizer.preconditioner()
+    if not isinstance(optimizer, torch.optim.Adam):
+        return None
+    parts = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:
+                return None
+            parts.append(adam_denominator(state["exp_avg_sq"], state["step"], group["betas"][1], group["eps"]).reshape(-1))
+    return torch.cat(parts)
+
+
+def stability_threshold(optimizer):
+    """The sharpness above which an optimizer's update is unstable on a quadratic (Cohen et al., 2021, 2022).
+
+    On a quadratic with curvature λ along an eigenvector, for a constructed `optimizer` (first group):
+      torch.optim.SGD, momentum μ   heavy ball b ← μ b + g, θ ← θ − lr b: unstable iff λ > (2 + 2μ)/lr;
+                                    μ = 0 is gradient descent and its 2/lr. Clipping only shortens steps,
+                                    so this is also clipped SGD's threshold while the gradient is not clipped.
+      torch.optim.Adam, β1          on the preconditioned sharpness λ(P^-1/2 H P^-1/2): (2 + 2β1)/((1 − β1) lr),
+                                    38/lr for β1 = 0.9.
+      SplitSGD                      on λ(P^-1/2 H P^-1/2) with its own preconditioner: (2 + 2μ)/lr.
+    Returns a float. Needs `adam_denominator`, `top_quantile_mask`, `SplitSGD`.
+    """
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, torch.optim.Adam):
+        beta1 = group["betas"][0]
+        return (2.0 + 2.0 * beta1) / ((1.0 - beta1) * group["lr"])
+    if isinstance(optimizer, (torch.optim.SGD, SplitSGD)):
+        return (2.0 + 2.0 * group["momentum"]) / group["lr"]
+    raise ValueError(f"no stability threshold known for {type(optimizer).__name__}: use SGD, Adam or SplitSGD")
 
 
 def parameter_layers(model):
@@ -1368,7 +1489,8 @@ def layer_shares(vector, model):
     """Share of a flat parameter vector's squared norm in each layer: |v_layer|² / |v|², [L], sums to 1.
 
     vector [P] in the flat parameter order (e.g. the top Hessian eigenvector). For comparison, a random
-    isotropic vector puts the layer's parameter count / P there. Needs `parameter_layers`.
+    isotropic vector puts the layer's parameter count / P there (`parameter_shares`): divide by it to
+    see which layers hold more of the vector than their size. Needs `parameter_layers`.
     """
     names, index, sizes = parameter_layers(model)
     squared = [float(part.double().pow(2).sum()) for part in torch.split(vector.reshape(-1), sizes.tolist())]
@@ -1376,12 +1498,37 @@ def layer_shares(vector, model):
     return shares / max(shares.sum(), 1e-300)
 
 
+def parameter_shares(model):
+    """Each layer's share of the trainable parameters [L] (`parameter_layers`' grouping): what a random
+    isotropic direction puts in each layer, the baseline for `layer_shares`. Needs `parameter_layers`."""
+    names, index, sizes = parameter_layers(model)
+    return np.bincount(index, weights=sizes, minlength=len(names)) / sizes.sum()
+
+
+def sign_flip_measure():
+    """A `measure` hook for `train` (or part of one): per parameter tensor, the number of gradient
+    coordinates whose sign is opposite to the previous step's (nan at the first call), recorded as
+    "sign_flips" [n_tensors] at every step. Returns measure(step, model, optimizer) -> dict."""
+    previous = {}
+
+    def measure(step, model, optimizer):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+        signs = [torch.sign(g).to(torch.int8) for g in grads]
+        flips = [math.nan] * len(grads) if "signs" not in previous else \
+            [float((s * s_old < 0).sum()) for s, s_old in zip(signs, previous["signs"])]
+        previous["signs"] = signs
+        return {"sign_flips": np.asarray(flips)}
+
+    return measure
+
+
 def layer_sign_flip_rates(sign_flips, model):
     """Per layer, the fraction of gradient coordinates whose sign flips from one step to the next.
 
     sign_flips [T, n_tensors]: per step and parameter tensor, the number of coordinates with
-    sign(g_t) = -sign(g_{t-1}) (as recorded by `train(record_sign_flips=True)`; rows with nan are skipped).
-    Returns [L] = sum over steps and the layer's tensors of flips / (steps · layer size). Needs `parameter_layers`.
+    sign(g_t) = -sign(g_{t-1}) (as recorded by `sign_flip_measure`; rows with nan are skipped).
+    Returns [L] = sum over steps and the layer's tensors of flips / (steps · layer size).
+    Needs `parameter_layers`.
     """
     names, index, sizes = parameter_layers(model)
     flips = np.asarray(sign_flips, dtype=np.float64)
@@ -1462,25 +1609,26 @@ def opposing_group_oscillation(per_example_loss, top=40, window=30, start=0, str
     return result
 
 
-# ----------------------------------------------------------------------------- 12. Plotting helpers
+# ----------------------------------------------------------------------------- 11. Plotting helpers
 
-def plot_loss_and_sharpness(history, lr, title="", spikes=None):
-    """Figure with the training loss (top, log scale) and the top Hessian eigenvalues (bottom)
-    against a dashed 2/lr line; `spikes` (steps) are marked on the loss. Returns the figure."""
+def plot_loss_and_sharpness(step, loss, eig_step, eigenvalues, lr, title="", spikes=None):
+    """Figure: the training loss (top, log scale; spike events from `loss_spikes` [S, 2] marked) and the
+    top Hessian eigenvalues [E, k] at eig_step [E] (bottom) against a dashed 2/lr line. Returns the figure."""
     import matplotlib.pyplot as plt
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
-    top.plot(history["step"], history["loss"], lw=0.8, color="k")
+    loss = np.asarray(loss)
+    top.plot(step, loss, lw=0.8, color="k")
     if spikes is not None and len(spikes):
-        top.plot(spikes, np.asarray(history["loss"])[spikes], "r.", ms=3, label=f"{len(spikes)} spike steps")
+        top.plot(spikes[:, 0], loss[spikes[:, 0]], "r.", ms=4, label=f"{len(spikes)} spike events")
         top.legend(loc="upper right")
     top.set_yscale("log")
     top.set_ylabel("train loss")
-    top.set_title(title)
-    eigenvalues = np.asarray(history["eigenvalues"])
+    top.set_title(title, fontsize=9)
+    eigenvalues = np.asarray(eigenvalues).reshape(len(eig_step), -1)
     for j in range(eigenvalues.shape[1]):
-        bottom.plot(history["eig_step"], eigenvalues[:, j], lw=1.2 if j == 0 else 0.5,
-                    color="C0" if j == 0 else "C7", label="top eigenvalue" if j == 0 else None)
-    bottom.axhline(2 / lr, ls="--", color="C3", label=f"2/lr = {2 / lr:.0f}")
+        bottom.plot(eig_step, eigenvalues[:, j], lw=1.2 if j == 0 else 0.5, color="C0" if j == 0 else "C7",
+                    label="top eigenvalue" if j == 0 else None)
+    bottom.axhline(2 / lr, ls="--", color="C3", label=f"2/lr = {2 / lr:.3g}")
     bottom.set_ylabel("sharpness")
     bottom.set_xlabel("step")
     bottom.legend(loc="lower right")
@@ -1495,3 +1643,103 @@ def plot_image_grid(axes, images, titles):
         if j < len(images):
             ax.imshow(np.asarray(images[j]))
             ax.set_title(titles[j], fontsize=6, pad=2)
+
+# ----------------------------------------------------------------------------- Appendix: the CIFAR-10 files
+
+def cifar10_folder(root, download=True):
+    """root/cifar-10-batches-py, made from root/cifar-10-python.tar.gz when absent.
+
+    The archive is downloaded from CIFAR10_URL when missing and allowed (to a .part file renamed
+    when complete), its md5 is checked against CIFAR10_MD5, and it is unpacked into a temporary
+    folder that is renamed into place only when complete. Raises DataError naming the fix.
+    Needs `DataError`.
+    """
+    folder, archive = root / "cifar-10-batches-py", root / "cifar-10-python.tar.gz"
+    where = (f"put cifar-10-python.tar.gz (from {CIFAR10_URL}) or its extracted cifar-10-batches-py/ "
+             f"folder in {root}, or set OSIG_DATA to the folder that holds it")
+    if folder.is_dir():
+        return folder
+    if not archive.exists():
+        if not download:
+            raise DataError(f"CIFAR-10 not found in {root}: {where}")
+        partial = archive.with_name(archive.name + ".part")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with urllib.request.urlopen(CIFAR10_URL, timeout=30) as response, open(partial, "wb") as f:
+                while block := response.read(1 << 20):
+                    f.write(block)
+            os.replace(partial, archive)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            raise DataError(f"CIFAR-10 not found in {root} and the download failed ({error}): {where}") from None
+    md5 = hashlib.md5()
+    with open(archive, "rb") as f:
+        while block := f.read(1 << 20):
+            md5.update(block)
+    if md5.hexdigest() != CIFAR10_MD5:
+        raise DataError(f"{archive} is corrupted (md5 {md5.hexdigest()}, expected {CIFAR10_MD5}): "
+                        f"delete it and download it again from {CIFAR10_URL}")
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".cifar10-extract-"))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(staging, filter="data")
+        if not (staging / "cifar-10-batches-py").is_dir():
+            raise DataError(f"{archive} does not contain cifar-10-batches-py/: "
+                            f"delete it and download it again from {CIFAR10_URL}")
+        os.replace(staging / "cifar-10-batches-py", folder)
+    except (OSError, tarfile.TarError) as error:
+        raise DataError(f"{archive} could not be extracted ({error}): delete it and download it again") from None
+    finally:
+        for path in sorted(staging.rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        staging.rmdir()
+    return folder
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR batch files that builds numpy arrays and nothing else.
+
+    A pickle can name any importable callable and call it while loading, so a tampered data file
+    could run code. This one resolves only what a CIFAR batch needs (numpy's array reconstruction,
+    numpy.ndarray, numpy.dtype and _codecs.encode, which Python 2 byte strings use) and refuses
+    every other name with pickle.UnpicklingError.
+    """
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
+               ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0]}
+
+    def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):
+            return codecs.encode
+        if (module, name) in self.allowed:
+            return self.allowed[(module, name)]
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only numpy "
+                                     f"arrays, lists and strings")
+
+
+def read_cifar_batch(path):
+    """One CIFAR-10 batch file: data uint8 [10000, 3072] (CHW rows) and labels int64 [10000].
+
+    Read with `CifarUnpickler` (no code in the file can run) and checked by structure: keys, dtype,
+    shape, integer labels in 0..9. Raises DataError naming the file and the fix.
+    Needs `DataError`, `CifarUnpickler`.
+    """
+    fix = f"delete {path.parent} and put a fresh copy of cifar-10-batches-py/ (or the archive) there"
+    try:
+        with open(path, "rb") as f:
+            batch = CifarUnpickler(f, encoding="bytes").load()
+        data, labels = batch[b"data"], batch[b"labels"]
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: {fix}") from None
+    except pickle.UnpicklingError as error:
+        raise DataError(f"{path} is not a plain CIFAR-10 batch ({error}): {fix}") from None
+    except (OSError, EOFError, KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        raise DataError(f"{path} is unreadable ({type(error).__name__}: {error}): {fix}") from None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (10000, 3072):
+        shape = getattr(data, "shape", None)
+        raise DataError(f"{path} is not a CIFAR-10 batch (data {getattr(data, 'dtype', type(data).__name__)} "
+                        f"{shape}, expected uint8 (10000, 3072)): {fix}")
+    if not isinstance(labels, (list, np.ndarray)) or len(labels) != 10000 or \
+            not all(isinstance(label, (int, np.integer)) and 0 <= label <= 9 for label in labels):
+        raise DataError(f"{path} is not a CIFAR-10 batch (labels must be 10,000 integers in 0..9): {fix}")
+    return data, np.asarray(labels, dtype=np.int64)

@@ -1,21 +1,21 @@
 """
-run_all.py: reproduce every phenomenon of osig end to end and write results/.
+run_all.py: reproduce every phenomenon of osig end to end and write results/report.md.
 
-    python run_all.py                    # all experiments; GPU profile when CUDA is available, else CPU
-    python run_all.py --only linear      # one experiment (repeat --only for several)
-    python run_all.py --bench            # speed benchmark table (results/bench.md)
+    python run_all.py                           # every experiment: GPU profile with CUDA, else CPU profile
+    python run_all.py --only linear             # one experiment (repeatable); the report keeps the others
+    python run_all.py --profile gpu --preflight # 100-step check of each experiment's setting, on any device
+    python run_all.py --bench                   # speed benchmark (results/bench.md)
 
-Each experiment writes its figures, raw numbers (.npz/.json) and measured criteria into
-results/<name>/; report.md embeds them all with each criterion's value, target and verdict.
-Finished experiments are reused on a rerun (--force recomputes them); files are written
-atomically, so an interrupted run loses only the experiment it was in.
-
-Sections: utilities, configs, experiments, benchmark, report, main.
+Sections: configs and the PROFILES table; experiments, each `run_<kind>(cfg, out, device)` with its
+criteria and figures; timing and preflight; benchmark; report; main. Every criterion is printed next
+to the figure it belongs to and written to the report with its target and the target's source:
+"paper" (the paper's claim fixes it), "choice" (our choice, fixed before the runs) or "calibration".
 """
 
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -33,17 +33,170 @@ import torch
 
 import osig
 
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass
+class LinearConfig:
+    """Two-layer linear model bᵀAx on osig.make_opposing_signal_data; GD at a large lr (enters the edge of
+    stability), a small lr (sharpens to p·α²·|β| and stays) and a control α at the genuine features' scale."""
+    n_pairs: int = 200              # signal-bearing x_g, each with s = +1 and s = −1: p = 2 n_pairs / N = 1/3
+    n_plain: int = 800
+    alpha: float = 7.0              # p α² = 16.3 against genuine second moments <= 1
+    control_alpha: float = 1.0      # at the scale of the largest genuine feature
+    scales: tuple = (1.0, 0.7, 0.5, 0.35, 0.25)
+    offset: float = 0.5             # target offset on |x_o| shared by both groups
+    width: int = 10
+    init_scale: float = 0.01
+    large_lr: float = 0.08          # 2/lr = 25 < p α² |β| = 36.5: must enter the edge of stability
+    large_steps: int = 1000
+    small_lr: float = 0.02          # 1/lr = 50 > 36.5: the opposing weight never flips
+    small_steps: int = 4000
+    seed: int = 0
+
+
+@dataclass
+class ToyConfig:
+    """One-hidden-layer ReLU MLP on osig.make_opposing_signal_data (target offset on |x_0|), GD at one lr, and
+    the same run with a small control α. loss "mse" regresses the target; "ce" classifies its sign with
+    two-class cross-entropy, whose curvature p(1 - p) vanishes on examples fit with a large margin."""
+    loss: str = "mse"
+    n_pairs: int = 100              # p = 2 n_pairs / N = 1/3
+    n_plain: int = 400
+    alpha: float = 8.0
+    control_alpha: float = 1.0
+    scales: tuple = (1.0, 0.7, 0.5, 0.35, 0.25)
+    offset: float = 0.2             # the |x_0| part of the target, learnable only non-linearly
+    width: int = 16
+    weight_scale: float = 0.05
+    output_scale: float = 0.1
+    hidden_bias: float = 0.7        # above weight_scale·α·max|U|: every unit starts active on both signs of x_0
+    lr: float = 0.05
+    steps: int = 3000
+    seed: int = 0
+
+
+@dataclass
+class ImagesConfig:
+    """Full-batch GD on a fixed subset of CIFAR-10 (or planted images): the edge of stability, heavy-tailed
+    loss changes, opposing groups against their controls, the sky feature and its probes, on each seed."""
+    data: str = "cifar10"           # "cifar10" or "planted" (synthetic, offline)
+    n_train: int = 2000
+    model: str = "mlp"              # mlp | cnn | vgg11 | resnet18 | vit
+    width: int = 200
+    depth: int = 2
+    activation: str = "relu"
+    loss: str = "mse"               # mse | ce
+    lr: float = 0.04
+    steps: int = 1500
+    eig_every: int = 20
+    eig_k: int = 8                  # MSE puts several eigenvalues at 2/lr together: use their subspace
+    top: int = 30                   # outliers per selection
+    chunk: int = 0                  # examples per forward pass (0: all at once)
+    seeds: tuple = (0,)             # each seed draws its own subset and initialization
+    eos_by: int = 800               # criterion: first crossing of 2/lr by this step
+
+
+@dataclass
+class OptimizersConfig:
+    """SGD with momentum, Adam, clipped SGD and split-update SGD, each at its best step size from a grid with
+    the same step budget; then opposing-group oscillations, (preconditioned) sharpness against each optimizer's
+    threshold, and where the top Hessian eigenvector lives. SGD, Adam and split are rerun on `seeds`."""
+    data: str = "cifar10"
+    n_train: int = 5000
+    n_test: int = 10000             # test images for the final accuracy (CIFAR-10 test set; planted: held out)
+    model: str = "mlp"
+    width: int = 200
+    depth: int = 2
+    activation: str = "relu"
+    loss: str = "ce"
+    steps: int = 1500
+    batch_size: int = 128
+    momentum: float = 0.9           # SGD, clip and split's SGD part; β1 of Adam and split's normalized part
+    beta2: float = 0.999
+    sgd_lrs: tuple = (0.003, 0.01, 0.03, 0.1)
+    adam_lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3)
+    clip_lrs: tuple = (0.003, 0.01, 0.03, 0.1)
+    clip_norm: float = 1.0          # about half the median minibatch gradient norm of SGD on the MLP
+    split_lrs: tuple = (0.003, 0.01, 0.03, 0.1)   # SGD part; the normalized part uses Adam's best lr
+    split_quantile: float = 0.1
+    curve_every: int = 50           # grid runs: full-set loss every this many steps
+    record_every: int = 3           # measured runs: per-example losses every this many steps (odd: a period-2
+                                    # oscillation still alternates between records)
+    eig_every: int = 50
+    eig_examples: int = 1000
+    top: int = 40                   # examples per selection of opposing groups
+    window: int = 30                # record intervals measured after each selection
+    seeds: tuple = (0, 1, 2)
+
+
+CPU_IMAGES = ImagesConfig(seeds=(0, 1, 2))
+PROFILES = {
+    # laptop CPU, real CIFAR-10: about 25 minutes on 2 cores
+    "cpu": {
+        "linear": LinearConfig(),
+        "toy": ToyConfig(),
+        # settings chosen to show the fall: a larger |x_0| offset, a lower hidden bias and a larger lr
+        "toy_ce": ToyConfig(loss="ce", offset=0.75, hidden_bias=0.3, lr=0.2),
+        "cifar_mse": CPU_IMAGES,
+        "cifar_ce": dataclasses.replace(CPU_IMAGES, activation="tanh", loss="ce", lr=0.05, steps=700, eig_k=1,
+                                        eos_by=500, seeds=(0,)),
+        "optimizers": OptimizersConfig(),
+    },
+    # seconds on synthetic planted images: used by the tests
+    "smoke": {
+        "linear": LinearConfig(large_steps=400, small_steps=1000),
+        "toy": ToyConfig(steps=600),
+        "toy_ce": ToyConfig(loss="ce", offset=0.75, hidden_bias=0.3, lr=0.2, steps=600),
+        "cifar_mse": ImagesConfig(data="planted", n_train=400, width=64, lr=0.15, steps=150, eig_every=10, eig_k=4,
+                                  top=10, eos_by=150),
+        "cifar_ce": ImagesConfig(data="planted", n_train=400, width=64, activation="tanh", loss="ce", lr=0.2,
+                                 steps=150, eig_every=10, eig_k=1, top=10, eos_by=150),
+        "optimizers": OptimizersConfig(data="planted", n_train=400, n_test=200, width=32, depth=1, steps=90,
+                                       batch_size=32, sgd_lrs=(0.01, 0.03), adam_lrs=(3e-4, 1e-3),
+                                       clip_lrs=(0.01, 0.03), split_lrs=(0.01, 0.03), curve_every=10, eig_every=30,
+                                       eig_examples=200, top=10, window=8, seeds=(0, 1)),
+    },
+    # one GPU: full-size networks; the whole profile is meant to take under 10 minutes on an H200
+    "gpu": {
+        "linear": LinearConfig(),
+        "toy": ToyConfig(),
+        "toy_ce": ToyConfig(loss="ce", offset=0.75, hidden_bias=0.3, lr=0.2),
+        "cifar_mse": ImagesConfig(model="vgg11", width=64, n_train=2500, lr=0.05, steps=1500, eig_every=25,
+                                  eig_k=4, eos_by=1000),
+        "resnet18": ImagesConfig(model="resnet18", width=64, n_train=2500, lr=0.05, steps=1500, eig_every=25,
+                                 eig_k=4, eos_by=1000),
+        "cifar_ce": ImagesConfig(model="vit", width=128, depth=4, loss="ce", n_train=2500, lr=0.05, steps=1000,
+                                 eig_every=25, eig_k=1, eos_by=600),
+        "optimizers": OptimizersConfig(model="vit", width=128, depth=4, n_train=5000, steps=1500,
+                                       sgd_lrs=(0.03, 0.1, 0.3), adam_lrs=(3e-4, 1e-3, 3e-3), clip_lrs=(0.03, 0.1, 0.3),
+                                       split_lrs=(0.03, 0.1, 0.3), eig_every=100, eig_examples=1000, top=80,
+                                       record_every=5, seeds=(0,)),
+    },
+}
+
+
 # ----------------------------------------------------------------------------- utilities
+
+LOSSES = {"mse": osig.mse_loss, "ce": osig.cross_entropy_loss}
+AIRPLANE, BIRD, SHIP = 0, 2, 8
+GREY, GREEN = (128, 128, 128), (70, 140, 60)      # control probe colours (RGB)
 
 
 def atomic_write(path, write):
-    """Call write(temporary_path), then rename it onto path: readers never see a partial file."""
+    """Call write(temporary path), fsync it and rename it onto `path` (mode 0644): readers never see a partial
+    file, even after a crash. Temporary files that an interrupted earlier call left behind are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*{path.suffix}"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -74,151 +227,52 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
-def criterion(name, value, target, met=None, log=print, where=""):
-    """One measured criterion, printed at once and stored for the report.
+def criterion(name, value, target, source, met=None, where="", log=print):
+    """One measured criterion, printed at once and kept for the report.
 
-    target: text such as "<= 0.15"; when `met` is not given it is decided from it (a leading <=, >=,
-    <, > or == and a number). `where` is printed after the verdict (context for the reader)."""
+    target: text that starts with an operator and a number ("<= 0.15", ">= 3 (why)"); unless `met` is given,
+    the verdict is decided from it. A nan value (not measurable: e.g. the run never reached the edge of
+    stability) is never met. source: where the target comes from, "paper", "choice" or "calibration".
+    """
     value = float(value)
     if met is None:
-        op, bound = target.split()[:2]
-        bound = float(bound)
-        met = math.isfinite(value) and {"<=": value <= bound, ">=": value >= bound, "<": value < bound,
-                                        ">": value > bound, "==": value == bound}[op]
-    log(f"  criterion | {name}: {value:.4g} (target {target}) -> {'met' if met else 'NOT met'}"
+        operator, bound = target.split()[:2]
+        compare = {"<=": np.less_equal, ">=": np.greater_equal, "<": np.less, ">": np.greater, "==": np.equal}
+        if operator not in compare:
+            raise ValueError(f"criterion target {target!r} must start with <=, >=, <, > or == and a number")
+        met = bool(compare[operator](value, float(bound)))
+    met = bool(met) and math.isfinite(value)
+    log(f"  criterion | {name}: {value:.4g} (target {target}, {source}) -> {'met' if met else 'NOT met'}"
         + (f"  [{where}]" if where else ""))
-    return {"name": name, "value": value, "target": target, "met": bool(met)}
+    return {"name": name, "value": value, "target": target, "source": source, "met": met, "where": where}
 
 
-# ----------------------------------------------------------------------------- configs
-
-@dataclass
-class OpposingConfig:
-    """Full-batch GD on a fixed training subset, recording what issue 3's five phenomena need."""
-    name: str = "cifar_mse"
-    data: str = "cifar10"           # "cifar10" or "planted" (synthetic, offline)
-    n_train: int = 2000
-    model: str = "mlp"              # mlp | cnn | vgg11 | resnet18 | vit
-    width: int = 200
-    depth: int = 2
-    activation: str = "relu"
-    loss: str = "mse"               # mse | ce
-    lr: float = 0.04
-    steps: int = 1500
-    eig_every: int = 20
-    eig_k: int = 8                  # MSE puts several eigenvalues at 2/lr: use their subspace
-    top: int = 30                   # outliers per step
-    chunk: int = 0                  # examples per forward pass (0: all at once)
-    seed: int = 0
-    eos_by: int = 800               # criterion: first crossing of 2/lr by this step
+def combine_seeds(per_seed, log=print):
+    """One criterion per name from the same criteria measured on several seeds: the median value, judged by
+    the same target, with every seed's value and verdict in its `where`."""
+    combined = []
+    for rows in zip(*per_seed):
+        values = [row["value"] for row in rows]
+        finite = [v for v in values if math.isfinite(v)]
+        where = (f"per seed: {', '.join(f'{v:.3g}' for v in values)}; met on {sum(r['met'] for r in rows)}/"
+                 f"{len(rows)} seeds")
+        combined.append(criterion(rows[0]["name"], np.median(finite) if len(finite) == len(values) else math.nan,
+                                  rows[0]["target"], rows[0]["source"], where=where, log=log))
+    return combined
 
 
-@dataclass
-class LinearConfig:
-    """Two-layer linear model bᵀA x on make_opposing_signal_data; GD runs at a large lr, a small lr, and a control α."""
-    n_pairs: int = 200              # signal-bearing x_g, each with s = +1 and s = −1: p = 2 n_pairs / N = 1/3
-    n_plain: int = 800
-    alpha: float = 7.0              # p α² = 16.3 against genuine second moments <= 1
-    control_alpha: float = 1.0      # at the scale of the largest genuine feature
-    scales: tuple = (1.0, 0.7, 0.5, 0.35, 0.25)
-    offset: float = 0.5             # target offset on |x_o| shared by both groups
-    width: int = 10
-    init_scale: float = 0.01
-    large_lr: float = 0.08          # 2/lr = 25 < p α² |β| = 36.5: must enter the edge of stability
-    large_steps: int = 1000
-    small_lr: float = 0.02          # 1/lr = 50 > 36.5: the opposing weight never flips
-    small_steps: int = 4000
-    seed: int = 0
+def load_images(data, n, seed):
+    """uint8 images [n, 32, 32, 3], labels [n] and planted group ids [n] (None for CIFAR-10) of one seed."""
+    if data == "planted":
+        return osig.make_planted_images(n=n, planted_classes=(AIRPLANE, BIRD), seed=seed)
+    images, labels = osig.load_cifar10(train=True)
+    index = osig.seeded_subset(len(images), n, seed=seed)
+    return images[index], labels[index], None
 
 
-@dataclass
-class ToyConfig:
-    """One-hidden-layer ReLU MLP on osig.make_opposing_signal_data (target offset on |x_0|); GD at one lr, plus a control α.
-
-    loss "mse" regresses the target; "ce" classifies its sign (class 1 iff βᵀx_g + offset·|s| > 0) with
-    two-class cross-entropy, whose curvature p(1 - p) vanishes on examples fit with a large margin."""
-    name: str = "toy"
-    loss: str = "mse"
-    n_pairs: int = 100              # p = 2 n_pairs / N = 1/3
-    n_plain: int = 400
-    alpha: float = 8.0
-    control_alpha: float = 1.0
-    scales: tuple = (1.0, 0.7, 0.5, 0.35, 0.25)
-    offset: float = 0.2             # the |x_0| part of the target, learnable only non-linearly
-    width: int = 16
-    weight_scale: float = 0.05
-    output_scale: float = 0.1
-    hidden_bias: float = 0.7        # above weight_scale·α·max|U|: every unit starts active on both signs of x_0
-    lr: float = 0.05
-    steps: int = 3000
-    seed: int = 0
-
-
-@dataclass
-class OptimizersConfig:
-    """Issue 5: SGD with momentum, Adam, clipped SGD and split-update SGD, each at its best step size from a
-    grid of the same size and the same step budget; then opposing-group oscillations, (preconditioned)
-    sharpness against each optimizer's threshold, and where the top Hessian eigenvector lives. The CPU defaults
-    (MLP, 5,000 CIFAR-10 images, 4 x 4 runs of 1,500 steps + 4 measured reruns) take about 8 minutes."""
-    name: str = "optimizers"
-    data: str = "cifar10"           # "cifar10" or "planted" (synthetic, offline)
-    n_train: int = 5000
-    n_test: int = 10000             # test images for the final accuracy (CIFAR-10 test set; planted: held out)
-    model: str = "mlp"              # mlp | cnn | vgg11 | resnet18 | vit
-    width: int = 200
-    depth: int = 2
-    activation: str = "relu"
-    loss: str = "ce"
-    steps: int = 1500
-    batch_size: int = 128
-    momentum: float = 0.9           # SGD, clip and split's SGD part; β1 of Adam and split's normalized part
-    beta2: float = 0.999
-    # step-size grids, lists so that the config survives run_all's JSON round trip unchanged
-    sgd_lrs: list = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1])
-    adam_lrs: list = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3])
-    clip_lrs: list = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1])
-    clip_norm: float = 1.0          # about half the median minibatch gradient norm of SGD on the MLP
-    split_lrs: list = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1])  # SGD part; normalized part: Adam's best lr
-    split_quantile: float = 0.1
-    curve_every: int = 50           # grid runs: full-set loss every this many steps
-    grid_eig_every: int = 500       # grid runs: (preconditioned) sharpness every this many steps
-    record_every: int = 3           # best runs: per-example losses every this many steps (odd: a period-2 oscillation still alternates)
-    eig_every: int = 50
-    eig_examples: int = 1000
-    eig_iters: int = 100
-    top: int = 40                   # examples per selection of opposing groups
-    window: int = 30                # record intervals measured after each selection
-    chunk: int = 0                  # examples per forward pass in Hessian products (0: all at once)
-    seed: int = 0
-
-
-# GPU profile: the small ViT (where the paper finds Adam's advantage largest) and ResNet-18 without BN
-OPTIMIZERS_GPU_VIT = OptimizersConfig(
-    name="optimizers", model="vit", width=128, depth=4, n_train=10000, steps=4000, sgd_lrs=[0.01, 0.03, 0.1, 0.3],
-    adam_lrs=[1e-4, 3e-4, 1e-3, 3e-3], clip_lrs=[0.01, 0.03, 0.1, 0.3], split_lrs=[0.01, 0.03, 0.1, 0.3],
-    grid_eig_every=1000, record_every=5, eig_every=100, eig_examples=2000, chunk=0, top=80)
-OPTIMIZERS_GPU_RESNET18 = OptimizersConfig(
-    name="optimizers_resnet18", model="resnet18", width=64, n_train=10000, steps=3000, sgd_lrs=[0.003, 0.01, 0.03, 0.1],
-    adam_lrs=[3e-5, 1e-4, 3e-4, 1e-3], clip_lrs=[0.003, 0.01, 0.03, 0.1], split_lrs=[0.003, 0.01, 0.03, 0.1],
-    grid_eig_every=1000, record_every=5, eig_every=100, eig_examples=2000, chunk=500, top=80)
-# smoke profile: seconds, planted images
-OPTIMIZERS_SMOKE = OptimizersConfig(
-    data="planted", n_train=400, n_test=200, width=32, depth=1, steps=90, batch_size=32, sgd_lrs=[0.01, 0.03],
-    adam_lrs=[3e-4, 1e-3], clip_lrs=[0.01, 0.03], split_lrs=[0.01, 0.03], curve_every=10, grid_eig_every=45,
-    record_every=3, eig_every=30, eig_examples=200, eig_iters=30, top=10, window=8)
-
-
-# ----------------------------------------------------------------------------- experiments
-
-LOSSES = {"mse": osig.mse_loss, "ce": osig.cross_entropy_loss}
-AIRPLANE, BIRD, SHIP = 0, 2, 8
-OPTIMIZER_NAMES = ("sgd", "adam", "clip", "split")
-COLORS = {"sgd": "C0", "adam": "C3", "clip": "C2", "split": "C1"}
-
-
-def build_model(cfg, in_shape, num_classes=10):
-    """The network a config names, seeded; BN is off so that per-example gradients are defined."""
-    torch.manual_seed(cfg.seed)
+def build_model(cfg, in_shape, seed, num_classes=10):
+    """The network a config names, seeded; no batch norm, so that per-example gradients are defined."""
+    torch.manual_seed(seed)
     if cfg.model == "mlp":
         return osig.MLP(int(np.prod(in_shape)), cfg.width, cfg.depth, num_classes, cfg.activation)
     if cfg.model == "cnn":
@@ -232,222 +286,223 @@ def build_model(cfg, in_shape, num_classes=10):
     raise ValueError(f"unknown model {cfg.model!r}: use mlp, cnn, vgg11, resnet18 or vit")
 
 
-def load_training_images(data, n, seed):
-    """uint8 images [n, 32, 32, 3], labels [n] and planted group ids [n] (None for CIFAR-10)."""
-    if data == "planted":
-        return osig.make_planted_images(n=n, planted_classes=(AIRPLANE, BIRD), seed=seed)
-    images, labels = osig.load_cifar10(train=True)
-    index = osig.seeded_subset(len(images), n, seed=seed)
-    return images[index], labels[index], None
+# ----------------------------------------------------------------------------- experiment: images (cifar_mse, cifar_ce, ...)
 
-
-def run_opposing(cfg, out, device, log=print):
-    """Issue 3: EoS, heavy-tailed loss changes, opposing groups, the sky feature and its probe."""
-    images, labels, planted = load_training_images(cfg.data, cfg.n_train, cfg.seed)
+def images_run(cfg, seed, device, log):
+    """One full-batch GD run: the history, the opposing groups at every sharpness measurement, and the outputs
+    of three uniform probes (sky colour, grey, green) at every step."""
+    images, labels, planted = load_images(cfg.data, cfg.n_train, seed)
     x, mean, std = osig.normalize(images)
     x, y = x.to(device), labels.to(device)
-    sky = osig.sky_mask(images).numpy()
-    probe, sky_rgb = osig.sky_probe(images, torch.from_numpy(sky), mean, std)
-    model = build_model(cfg, x.shape[1:]).to(device)
-    loss_fn, threshold = LOSSES[cfg.loss], 2 / cfg.lr
-    log(f"  {len(x)} images, {int(sky.sum())} with a sky background (sky colour RGB {sky_rgb.round().tolist()}), "
-        f"{sum(p.numel() for p in model.parameters())} parameters")
+    sky, no_sky = osig.sky_groups(images)
+    sky_rgb = images[sky][:, :8].reshape(-1, 3).float().mean(0) if sky.any() else torch.tensor([80.0, 150, 255])
+    probes = torch.cat([osig.uniform_probe(rgb, mean, std, images.shape[1]) for rgb in (sky_rgb, GREY, GREEN)])
+    model, loss_fn = build_model(cfg, x.shape[1:], seed).to(device), LOSSES[cfg.loss]
+    log(f"  seed {seed}: {len(x)} images, {int(sky.sum())} with a sky background and {int(no_sky.sum())} clearly "
+        f"without (sky colour RGB {sky_rgb.round().int().tolist()}), {sum(p.numel() for p in model.parameters())} "
+        f"parameters")
 
-    crossed = []
-
-    def find_groups(step, model, eigenvalues, eigenvectors):
-        # only after the edge of stability is reached: before it no direction oscillates
-        if not crossed and eigenvalues[0] < threshold:
-            return None
-        crossed.append(step)
+    def groups(step, model, eigenvalues, eigenvectors):
         found = osig.opposing_groups(model, loss_fn, x, y, cfg.lr, eigenvectors, top=cfg.top, seed=step)
         found.pop("loss_change_all")
-        return dict(found, step=step)
+        return {"groups": found}
 
-    history = osig.train(model, x, y, loss_fn, "gd", lr=cfg.lr, steps=cfg.steps, chunk=cfg.chunk or None,
-                         eig_every=cfg.eig_every, eig_k=cfg.eig_k, probes=probe.to(device),
-                         callback=find_groups, log_every=100, seed=cfg.seed, log=log)
-    groups = [g for g in history["callback"] if g is not None]
-    loss, losses = history["loss"], history["per_example_loss"].astype(np.float64)
-    T, labels_np = len(loss), labels.numpy()
-    criteria, notes = [], []
-    if history["diverged"]:
-        notes.append(history["diverged"])
+    sharpness = osig.sharpness_measure(loss_fn, x, y, cfg.eig_every, cfg.eig_k, cfg.chunk or None, then=groups)
+    probes = probes.to(device)
 
-    # 1. progressive sharpening and the edge of stability
-    first, hover = osig.edge_of_stability(history["eig_step"], history["eigenvalues"][:, 0], cfg.lr)
-    spikes = osig.loss_spikes(loss)
-    criteria.append(criterion("first step with sharpness >= 2/lr", first if first is not None else np.nan,
-                              f"<= {cfg.eos_by}", first is not None and first <= cfg.eos_by, log))
-    criteria.append(criterion("median |sharpness - 2/lr| / (2/lr) after it", hover, "<= 0.15", hover <= 0.15, log))
-    criteria.append(criterion("loss spike steps (loss > 1.1 x min of previous 20)", len(spikes), ">= 15",
-                              len(spikes) >= 15, log))
-    fig = osig.plot_loss_and_sharpness(history, cfg.lr, f"{cfg.name}: {cfg.model} ({cfg.activation}), "
-                                       f"{cfg.loss}, n={cfg.n_train}, lr={cfg.lr}", spikes)
+    def measure(step, model, optimizer):
+        with torch.no_grad():
+            record = {"probe_output": model(probes).cpu().numpy()}
+        return dict(record, **(sharpness(step, model, optimizer) or {}))
+
+    history = osig.train(model, x, y, loss_fn, torch.optim.SGD(model.parameters(), lr=cfg.lr), cfg.steps,
+                         chunk=cfg.chunk or None, measure=measure, seed=seed, log=log)
+    return dict(history=history, images=images, labels=labels.numpy(), sky=sky.numpy(), no_sky=no_sky.numpy(),
+                sky_rgb=sky_rgb.numpy(), planted=None if planted is None else planted.numpy(), features=x.cpu())
+
+
+def images_criteria(cfg, run, log):
+    """Every criterion of one run (nan, so not met, where the run gives nothing to measure) and its analysis."""
+    history, labels, nan = run["history"], run["labels"], math.nan
+    losses = history["per_example_loss"].astype(np.float64)
+    eig_step, eigenvalues = osig.measured(history, "eigenvalues")
+    eos = osig.edge_of_stability(eig_step, eigenvalues[:, 0], cfg.lr)
+    first = eos["first"]
+    reached = first is not None and len(losses) - first >= 50
+    c = []
+    c.append(criterion("first step with sharpness >= 2/lr", nan if first is None else first, f"<= {cfg.eos_by}",
+                       "choice", log=log))
+    c.append(criterion("sharpness at step 0 / (2/lr)", eos["initial_ratio"], "<= 0.7", "choice", log=log))
+    c.append(criterion("rise of the sharpness from its early minimum to the crossing", eos["rise"], ">= 3", "choice",
+                       log=log))
+    c.append(criterion("median |sharpness / (2/lr) - 1| from the crossing on", eos["hover"], "<= 0.15",
+                       "paper (hover at 2/lr); tolerance: choice", log=log))
+    spikes = osig.loss_spikes(history["loss"])
+    after = spikes[spikes[:, 0] >= first] if reached else spikes[:0]
+    c.append(criterion("loss spike events after the crossing (runs of loss > 1.1 x min of previous 20 steps)",
+                       len(after) if reached else nan, ">= 15", "choice", log=log))
+    delta = np.diff(losses, axis=0)                                        # [T-1, N]: step t -> t+1
+    share_pre = float(np.median(osig.top_fraction_share(delta[first // 2:first]))) if reached and first > 1 else nan
+    share_post = float(np.median(osig.top_fraction_share(delta[first:]))) if reached else nan
+    c.append(criterion("heavy tail: median top-1% share of |loss change|, post-EoS / pre-EoS steps of the run",
+                       share_post / share_pre, ">= 1.5", "choice", where=f"{share_post:.3f} post vs {share_pre:.3f} "
+                       f"pre (steps {first // 2 if reached else '-'}..{first}); i.i.d. Gaussian gives 0.036", log=log))
+    selections = [(m["step"], m["groups"]) for m in history["measured"] if "groups" in m]
+    post = [(s, g) for s, g in selections if reached and s >= first and s + 12 < len(losses)]
+    pre = [g for s, g in selections if reached and first // 2 <= s < first]
+    cos_post = np.median(np.concatenate([g["cos_subspace"] for _, g in post])) if post else nan
+    cos_pre = np.median(np.concatenate([g["cos_subspace"] for g in pre])) if pre else nan
+    c.append(criterion(f"median cos(g_i, top-{cfg.eig_k} eigenspace) of the top-{cfg.top} outliers: post-EoS / "
+                       "pre-EoS selections", cos_post / cos_pre, ">= 1.5", "choice",
+                       where=f"{cos_post:.3f} vs {cos_pre:.3f} ({len(post)} and {len(pre)} selections)", log=log))
+    both = np.mean([g["n_up"] >= 5 and g["n_down"] >= 5 for _, g in post]) if post else nan
+    c.append(criterion(f"post-EoS selections whose top-{cfg.top} hold >= 5 going up and >= 5 going down", both,
+                       ">= 0.8", "choice", log=log))
+    cosines = np.array([(g["group_mean_cosine"], g["group_mean_cosine_random"]) for _, g in post]).reshape(-1, 2)
+    gap = float(np.nanmedian(cosines[:, 0] - cosines[:, 1])) if post else nan
+    c.append(criterion("cosine of the two predicted groups' mean gradients: outliers minus random examples split by "
+                       "the same rule (median)", gap, "<= -0.2", "choice", where=f"outliers "
+                       f"{np.nanmedian(cosines[:, 0]) if post else nan:.2f}, random "
+                       f"{np.nanmedian(cosines[:, 1]) if post else nan:.2f}", log=log))
+    antiphase = np.array([osig.post_selection_correlation(losses, s, g["index"][g["loss_change"] > 0],
+                                                          g["index"][g["loss_change"] <= 0], seed=s)
+                          for s, g in post]).reshape(-1, 2)
+    c.append(criterion("anti-phase after selection: corr(up, down) minus a random split of the same outliers (median)",
+                       np.nanmedian(antiphase[:, 0] - antiphase[:, 1]) if post else nan, "<= -0.6", "choice",
+                       where=f"selected {np.nanmedian(antiphase[:, 0]) if post else nan:.2f}, random split "
+                       f"{np.nanmedian(antiphase[:, 1]) if post else nan:.2f}", log=log))
+    significance = []
+    for s, g in post[::max(1, len(post) // 10)]:         # at most about 10 selections: 200 null draws each
+        outliers = np.zeros(len(labels), dtype=bool)
+        outliers[g["index"]] = True
+        significance.append(osig.pair_significance(
+            run["features"], labels, g["index"][g["loss_change"] > 0], g["index"][g["loss_change"] <= 0], ~outliers,
+            series=losses[s + 2:s + 42], seed=s))
+    significant = [r["coherence_p"] < 0.01 and r["antiphase_p"] < 0.01 for r in significance]
+    c.append(criterion("post-EoS pairs beating the class-matched null (coherence and anti-phase, p < 0.01)",
+                       np.mean(significant) if significance else nan, ">= 0.5", "choice", where=(
+                           f"{len(significance)} pairs; median coherence "
+                           f"{np.median([r['coherence'] for r in significance]) if significance else nan:.3f} vs null "
+                           f"{np.median([r['coherence_null'] for r in significance]) if significance else nan:.3f}"),
+                       log=log))
+    if run["planted"] is not None:
+        precision = np.mean(np.concatenate([run["planted"][g["index"]] > 0 for _, g in post])) if post else nan
+        c.append(criterion("precision: post-EoS outliers that are planted", precision, ">= 0.9", "choice", log=log))
+    window = slice(first, len(losses)) if reached else slice(0, 0)
+    planes, others = labels == AIRPLANE, np.isin(labels, (BIRD, SHIP))
+    sky, no_sky = run["sky"], run["no_sky"]
+    contrast = osig.group_pair_contrast(losses[window], sky & planes, sky & others, no_sky & planes,
+                                        no_sky & others, seed=0) if reached else dict.fromkeys(
+        ("pair", "control", "contrast", "low", "high"), nan)
+    c.append(criterion("corr of loss changes, sky airplanes vs sky birds/ships (post-EoS)", contrast["pair"], "<= -0.6",
+                       "choice", log=log))
+    c.append(criterion("sky contrast: size-matched no-sky pairs minus the sky pair", contrast["contrast"], ">= 0.3",
+                       "choice", where=f"95% CI {contrast['low']:.2f}..{contrast['high']:.2f}; no-sky pairs "
+                       f"{contrast['control']:.2f}", log=log))
+    outputs = np.stack([m["probe_output"] for m in history["measured"]]).astype(np.float64)   # [T, 3, C]
+    preference = outputs[:, :, AIRPLANE] - outputs[:, :, [BIRD, SHIP]].mean(-1)               # [T, 3 probes]
+    tracking = np.array([[abs(osig.change_correlation(preference[window, p], losses[window][:, group].mean(1)))
+                          if reached and group.any() else nan for group in (sky & planes, no_sky & planes)]
+                         for p in range(3)])                                                  # [probe, group]
+    c.append(criterion("sky probe tracks sky airplanes better than grey and green probes do: |corr| difference",
+                       tracking[0, 0] - max(tracking[1, 0], tracking[2, 0]), ">= 0.2", "choice",
+                       where=f"|corr| sky probe {tracking[0, 0]:.2f}, grey {tracking[1, 0]:.2f}, green "
+                       f"{tracking[2, 0]:.2f}", log=log))
+    c.append(criterion("sky probe tracks sky airplanes better than no-sky airplanes: |corr| difference",
+                       tracking[0, 0] - tracking[0, 1], ">= 0.2", "choice",
+                       where=f"{tracking[0, 0]:.2f} vs {tracking[0, 1]:.2f}", log=log))
+    analysis = dict(eos=eos, spikes=after, delta=delta, post=post, preference=preference, contrast=contrast,
+                    significance=significance, eig_step=eig_step, eigenvalues=eigenvalues,
+                    linearization=np.median([g["linearization_balanced_accuracy"] for _, g in post]) if post else nan,
+                    pairs=osig.class_pairs(labels, [(g["index"][g["loss_change"] > 0], g["index"][g["loss_change"] <= 0])
+                                                    for _, g in post], osig.CIFAR10_CLASSES))
+    return c, analysis
+
+
+def run_images(cfg, out, device, log=print):
+    """Experiment: the opposing-signal phenomena of one image setting, on each of cfg.seeds."""
+    per_seed, notes = [], []
+    for seed in cfg.seeds:
+        run = images_run(cfg, seed, device, log)
+        criteria, analysis = images_criteria(cfg, run, log)
+        per_seed.append(criteria)
+        if run["history"]["diverged"]:
+            notes.append(f"seed {seed}: {run['history']['diverged']}")
+        if analysis["eos"]["first"] is None:
+            notes.append(f"seed {seed}: the run never reached the edge of stability, so every criterion that needs "
+                         f"it is nan (not met): raise lr or steps")
+        notes.append(f"seed {seed}: linearization check (balanced accuracy of the gradient split's up/down "
+                     f"prediction, a first-order Taylor identity, not evidence) {analysis['linearization']:.2f}; "
+                     f"class pairs (majority class going up vs going down, over post-EoS selections): " +
+                     (", ".join(f"{a} vs {b} ({n})" for (a, b), n in analysis["pairs"][:5]) or "none"))
+        if seed == cfg.seeds[0]:
+            figures = images_figures(cfg, run, analysis, out)
+            save_npz(out / "history.npz", **{k: run["history"][k] for k in ("step", "loss", "accuracy")},
+                     per_example_loss=run["history"]["per_example_loss"].astype(np.float16),
+                     eig_step=analysis["eig_step"], eigenvalues=analysis["eigenvalues"], sky=run["sky"],
+                     no_sky=run["no_sky"], preference=analysis["preference"])
+    criteria = combine_seeds(per_seed, log) if len(per_seed) > 1 else per_seed[0]
+    seeds_table = {"seeds": list(cfg.seeds), "rows": [[row["name"], [r["value"] for r in rows], [r["met"] for r in rows]]
+                                                      for rows, row in zip(zip(*per_seed), per_seed[0])]}
+    return {"criteria": criteria, "figures": figures, "notes": notes, "per_seed": seeds_table}
+
+
+def images_figures(cfg, run, analysis, out):
+    """eos.png, loss_changes.png, groups.png, sky_groups.png, sky_probe.png of one run. Returns their names."""
+    history, eos, losses = run["history"], analysis["eos"], run["history"]["per_example_loss"]
+    first, labels = eos["first"], run["labels"]
+    fig = osig.plot_loss_and_sharpness(history["step"], history["loss"], analysis["eig_step"], analysis["eigenvalues"],
+                                       cfg.lr, f"{cfg.model} ({cfg.activation if cfg.model == 'mlp' else cfg.width}), "
+                                       f"{cfg.loss}, n={cfg.n_train}, lr={cfg.lr}", analysis["spikes"])
     save_figure(fig, out / "eos.png")
-    figures = ["eos.png"]
-    if first is None or len(groups) < 2:
-        notes.append("the run never reached the edge of stability: phenomena 2-5 need it; raise lr or steps")
-        return finish_opposing(out, cfg, history, criteria, figures, notes, {})
-
-    # 2. heavy-tailed loss changes
-    delta = np.diff(losses, axis=0)                                   # [T-1, N]: step t -> t+1
-    shares = osig.top_fraction_share(delta[first:])
-    criteria.append(criterion("median share of sum|dloss| carried by the top 1% (post-EoS)",
-                              np.median(shares), ">= 0.06 (Gaussian: 0.036)", np.median(shares) >= 0.06, log))
-    spike_steps = [t for t in range(first, T - 1) if loss[t + 1] > 1.1 * loss[max(0, t - 19):t + 1].min()]
-    up_fraction = float(np.mean([(delta[t] > 0).mean() for t in spike_steps])) if spike_steps else float("nan")
-    if spike_steps:
-        notes.append(f"At the {len(spike_steps)} post-EoS steps where the loss rises into a spike, a fraction "
-                     f"{up_fraction:.2f} of all examples go up (the rest go down).")
-        log(f"  {notes[-1]}")
-    biggest = first + int(np.argmax(loss[first + 1:] - loss[first:-1]))
-    calm = max(1, first // 2)
+    if first is None or not analysis["post"]:
+        return ["eos.png"]
+    delta, T = analysis["delta"], len(losses)
+    biggest = first + int(np.argmax(np.diff(history["loss"][first:])))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
-    for ax, t, color, what in ((axes[0], calm, "C7", "pre-EoS"), (axes[1], biggest, "C3", "largest spike")):
+    for ax, t, color, what in ((axes[0], (first // 2 + first) // 2, "C7", "pre-EoS"),
+                               (axes[1], biggest, "C3", "largest loss increase")):
         ax.hist(delta[t], bins=60, color=color)
         ax.set_yscale("log")
         ax.set_title(f"{what}, step {t}: top-1% share {osig.top_fraction_share(delta[t]):.3f}, "
                      f"{100 * (delta[t] > 0).mean():.0f}% go up", fontsize=8)
         ax.set_xlabel("per-example loss change in one step")
-    axes[0].set_ylabel("examples")
-    fig.suptitle(f"median top-1% share over post-EoS steps {np.median(shares):.3f} (Gaussian 0.036)", fontsize=9)
     save_figure(fig, out / "loss_changes.png")
-    figures.append("loss_changes.png")
-
-    # 3. opposing groups found automatically
-    both = np.mean([g["n_up"] >= 5 and g["n_down"] >= 5 for g in groups])
-    cos_top = np.median(np.concatenate([g["cos_subspace"] for g in groups]))
-    cos_random = np.median(np.concatenate([g["cos_subspace_random"] for g in groups]))
-    agreement = np.median([g["agreement"] for g in groups])
-    group_cos = np.nanmedian([g["group_mean_cosine"] for g in groups])
-    criteria.append(criterion(f"fraction of post-EoS steps whose top-{cfg.top} hold >= 5 up and >= 5 down",
-                              both, ">= 0.8", both >= 0.8, log))
-    criteria.append(criterion(f"median cos(g_i, top-{cfg.eig_k} eigenspace): top-{cfg.top} / random",
-                              cos_top / cos_random, ">= 1.5", cos_top / cos_random >= 1.5, log))
-    if cfg.loss == "ce":  # the gradient-pairing criteria are stated for cross-entropy
-        criteria.append(criterion("median agreement of the gradient split with the actual up/down split",
-                                  agreement, ">= 0.8 (chance 0.5)", agreement >= 0.8, log))
-        criteria.append(criterion("median cosine of the two groups' mean gradients", group_cos,
-                                  "in [-0.8, -0.2] (expect about -0.5)", -0.8 <= group_cos <= -0.2, log))
-    else:
-        notes.append(f"Gradient pairing under MSE (criteria are stated for cross-entropy): split agreement "
-                     f"{agreement:.2f}, cosine of the two groups' mean gradients {group_cos:.2f}.")
-        log(f"  {notes[-1]}")
-    pairs = {}
-    for g in groups:
-        up = labels_np[g["index"][g["loss_change"] > 0]]
-        down = labels_np[g["index"][g["loss_change"] <= 0]]
-        if len(up) and len(down):
-            pair = tuple(sorted((osig.CIFAR10_CLASSES[np.bincount(up).argmax()],
-                                 osig.CIFAR10_CLASSES[np.bincount(down).argmax()])))
-            pairs[pair] = pairs.get(pair, 0) + 1
-    ranked = sorted(pairs.items(), key=lambda item: -item[1])[:6]
-    class_counts = np.bincount(np.concatenate([labels_np[g["index"]] for g in groups]), minlength=10)
-    log("  dominant class pairs (majority class of the up group vs the down group): " +
-        ", ".join(f"{a}/{b} x{c}" for (a, b), c in ranked))
-    notes.append("Dominant class pairs (majority class of the group going up vs the group going down, "
-                 "counted over post-EoS steps): " + ", ".join(f"{a} vs {b} ({c})" for (a, b), c in ranked) +
-                 ". Outliers by class: " + ", ".join(f"{osig.CIFAR10_CLASSES[c]} {class_counts[c]}"
-                                                    for c in np.argsort(-class_counts)[:5]) + ".")
-    if planted is not None:
-        precision = np.mean(np.concatenate([planted.numpy()[g["index"]] > 0 for g in groups]))
-        criteria.append(criterion("precision: detected outliers that are planted", precision, ">= 0.9",
-                                  precision >= 0.9, log))
-    shown = [groups[i] for i in np.linspace(0, len(groups) - 1, min(3, len(groups))).astype(int)]
-    fig, axes = plt.subplots(2 * len(shown), 10, figsize=(10, 2.3 * len(shown)))
-    for row, g in enumerate(shown):
+    shown = [analysis["post"][i] for i in np.linspace(0, len(analysis["post"]) - 1, min(3, len(analysis["post"])))
+             .astype(int)]
+    fig, axes = plt.subplots(2 * len(shown), 10, figsize=(10, 2.3 * len(shown)), squeeze=False)
+    for row, (step, g) in enumerate(shown):
         for side, up in enumerate((True, False)):
             members = g["index"][g["predicted_up"] == up][:10]
-            ax_row = axes[2 * row + side]
-            osig.plot_image_grid(ax_row, images[members].numpy(),
-                                 [osig.CIFAR10_CLASSES[labels_np[i]] for i in members])
-            ax_row[0].text(-40, 16, f"step {g['step']}\npredicted {'up' if up else 'down'}", fontsize=6,
-                           ha="right", va="center")
+            osig.plot_image_grid(axes[2 * row + side], run["images"][members].numpy(),
+                                 [osig.CIFAR10_CLASSES[labels[i]] for i in members])
+            axes[2 * row + side][0].text(-40, 16, f"step {step}\npredicted {'up' if up else 'down'}", fontsize=6,
+                                         ha="right", va="center")
     fig.suptitle("outliers of one GD step, split by the sign of their gradient along the sharp direction", fontsize=8)
     save_figure(fig, out / "groups.png")
-    figures.append("groups.png")
-
-    # 4. the opposing signal is a feature: sky vs no-sky groups
-    window = slice(first, T)
-    planes, others = labels_np == AIRPLANE, np.isin(labels_np, (BIRD, SHIP))
-    series = {"sky airplane": sky & planes, "sky bird/ship": sky & others,
-              "no-sky airplane": ~sky & planes, "no-sky bird/ship": ~sky & others}
-    mean_loss = {name: losses[:, mask].mean(1) for name, mask in series.items() if mask.any()}
-    corr_sky = osig.change_correlation(mean_loss["sky airplane"][window], mean_loss["sky bird/ship"][window])
-    corr_nosky = osig.change_correlation(mean_loss["no-sky airplane"][window], mean_loss["no-sky bird/ship"][window])
-    criteria.append(criterion("corr of loss changes: sky airplane vs sky bird/ship (post-EoS)", corr_sky, "<= -0.6",
-                              corr_sky <= -0.6, log))
-    criteria.append(criterion("same for the no-sky pair, minus the sky pair", corr_nosky - corr_sky, ">= 0.3",
-                              corr_nosky - corr_sky >= 0.3, log))
-    rng = np.random.default_rng(cfg.seed)
-    selected, control = [], []
-    for g in groups:
-        start, stop = g["step"] + 2, min(T, g["step"] + 42)
-        up, down = g["index"][g["loss_change"] > 0], g["index"][g["loss_change"] <= 0]
-        if stop - start < 10 or not len(up) or not len(down):
-            continue
-        selected.append(osig.change_correlation(losses[start:stop, up].mean(1), losses[start:stop, down].mean(1)))
-        shuffled = rng.permutation(losses.shape[1])
-        control.append(osig.change_correlation(losses[start:stop, shuffled[:len(up)]].mean(1),
-                                               losses[start:stop, shuffled[len(up):len(up) + len(down)]].mean(1)))
-    corr_selected, corr_control = float(np.nanmedian(selected)), float(np.nanmedian(control))
-    criteria.append(criterion("loss-change groups, corr over the 40 steps after selection (median)", corr_selected,
-                              "<= -0.6", corr_selected <= -0.6, log))
-    criteria.append(criterion("random control groups, same correlation (median)", corr_control,
-                              "about 0 (|.| <= 0.3)", abs(corr_control) <= 0.3, log))
     zoom = slice(first, min(T, first + 200))
-    fig, axes = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
-    steps = history["step"][zoom]
-    for name, values in mean_loss.items():
-        ax = axes[0] if name.startswith("sky") else axes[1]
-        ax.plot(steps, values[zoom], lw=0.9, label=f"{name} ({int(series[name].sum())})")
-    axes[0].set_title(f"sky groups: corr of loss changes {corr_sky:.2f}", fontsize=9)
-    axes[1].set_title(f"no-sky groups: corr of loss changes {corr_nosky:.2f}", fontsize=9)
-    for ax in axes:
+    planes, others = labels == AIRPLANE, np.isin(labels, (BIRD, SHIP))
+    fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
+    for ax, mask, what in ((axes[0], run["sky"], "sky"), (axes[1], run["no_sky"], "clearly no sky")):
+        for group, name in ((mask & planes, "airplane"), (mask & others, "bird/ship")):
+            ax.plot(history["step"][zoom], losses[zoom][:, group].mean(1), lw=0.9,
+                    label=f"{what} {name} ({int(group.sum())})")
         ax.set_ylabel("mean loss")
         ax.legend(fontsize=7)
-    axes[1].set_xlabel("step (edge of stability)")
+    contrast = analysis["contrast"]
+    axes[0].set_title(f"sky pair: corr of loss changes {contrast['pair']:.2f}; size-matched no-sky pairs "
+                      f"{contrast['control']:.2f} (contrast {contrast['contrast']:.2f}, 95% CI {contrast['low']:.2f}.."
+                      f"{contrast['high']:.2f})", fontsize=8)
+    for p, name in enumerate(("sky-coloured", "grey", "green")):
+        axes[2].plot(history["step"][zoom], analysis["preference"][zoom, p], lw=0.9, label=f"{name} probe")
+    axes[2].set_ylabel("probe: out[airplane] - out[bird, ship]")
+    axes[2].set_xlabel("step (from the crossing of 2/lr)")
+    axes[2].legend(fontsize=7)
     save_figure(fig, out / "sky_groups.png")
-    figures.append("sky_groups.png")
-
-    # 5. the sky probe
-    outputs = history["probe_output"][:, 0, :].astype(np.float64)
-    preference = outputs[:, AIRPLANE] - outputs[:, [BIRD, SHIP]].mean(1)
-    corr_planes = osig.change_correlation(preference[window], mean_loss["sky airplane"][window])
-    corr_others = osig.change_correlation(preference[window], mean_loss["sky bird/ship"][window])
-    criteria.append(criterion("corr(probe airplane - bird/ship change, sky airplane loss change)", corr_planes,
-                              "<= -0.8", corr_planes <= -0.8, log))
-    criteria.append(criterion("corr(probe change, sky bird/ship loss change)", corr_others, ">= 0.7",
-                              corr_others >= 0.7, log))
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot(steps, preference[zoom], color="k", lw=0.9, label="probe: out[airplane] - mean(out[bird], out[ship])")
-    twin = ax.twinx()
-    twin.plot(steps, mean_loss["sky airplane"][zoom], color="C0", lw=0.7, label="sky airplane loss")
-    twin.plot(steps, mean_loss["sky bird/ship"][zoom], color="C1", lw=0.7, label="sky bird/ship loss")
-    ax.set_xlabel("step (edge of stability)")
-    ax.set_ylabel("probe preference")
-    twin.set_ylabel("group mean loss")
-    ax.legend(loc="upper left", fontsize=7)
-    twin.legend(loc="upper right", fontsize=7)
-    ax.set_title(f"uniform sky image RGB {sky_rgb.round().int().tolist()}: corr {corr_planes:.2f} / {corr_others:.2f}",
-                 fontsize=9)
-    save_figure(fig, out / "sky_probe.png")
-    figures.append("sky_probe.png")
-    extra = {"shares": shares, "up_fraction_at_spikes": up_fraction, "sky": sky, "preference": preference,
-             "group_steps": np.array([g["step"] for g in groups]),
-             "group_index": np.stack([g["index"] for g in groups]),
-             "group_loss_change": np.stack([g["loss_change"] for g in groups])}
-    return finish_opposing(out, cfg, history, criteria, figures, notes, extra)
+    return ["eos.png", "loss_changes.png", "groups.png", "sky_groups.png"]
 
 
-def finish_opposing(out, cfg, history, criteria, figures, notes, extra):
-    """Save the run's raw numbers (per-example losses as float16) and return its result record."""
-    arrays = {k: history[k] for k in ("step", "loss", "accuracy", "eig_step", "eigenvalues", "probe_output")}
-    save_npz(out / "history.npz", per_example_loss=history["per_example_loss"].astype(np.float16),
-             **arrays, **{k: np.asarray(v) for k, v in extra.items()})
-    return {"criteria": criteria, "figures": figures, "notes": notes}
-
+# ----------------------------------------------------------------------------- experiment: linear
 
 def linear_run(cfg, alpha, lr, steps, log):
     """Full-batch GD on the two-layer linear model; every step records the Lanczos sharpness and the theory's quantities."""
@@ -467,113 +522,17 @@ def linear_run(cfg, alpha, lr, steps, log):
                     "genuine_norm": float((model.A[:, 1:].T @ model.b).norm()),
                     "residual_term_norm": float((residual @ x / len(x)).norm())}
 
-    history = osig.train(model, x, y, osig.regression_loss, optimizer="gd", lr=lr, steps=steps, eig_every=1,
-                         callback=record, log_every=steps // 4, seed=cfg.seed, log=log)
-    run = {key: np.array([entry[key] for entry in history["callback"]]) for key in history["callback"][0]}
+    history = osig.train(model, x, y, osig.regression_loss, torch.optim.SGD(model.parameters(), lr=lr), steps,
+                         measure=osig.sharpness_measure(osig.regression_loss, x, y, every=1, then=record),
+                         seed=cfg.seed, log=log)
+    run = {key: osig.measured(history, key)[1] for key in history["measured"][0] if key != "step"}
     # |β|: the norm of the best linear fit, all of it genuine (the |x_o| offset is orthogonal to every input)
     target_norm = float(torch.linalg.lstsq(x, y[:, None]).solution.norm())
-    run.update(loss=history["loss"], sharpness=history["eigenvalues"][:, 0], lr=lr, alpha=alpha,
+    run.update(loss=history["loss"], sharpness=run.pop("eigenvalues")[:, 0], lr=lr, alpha=alpha,
                signal_moment=signal_moment, genuine_target_norm=target_norm)
     return run
 
 
-def run_linear(cfg, out, log=print):
-    """Experiment `linear`: sharpness formula, progressive sharpening, edge of stability and its control."""
-    with single_thread():
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        start = time.time()
-        runs = {}
-        for name, alpha, lr, steps in (("large_lr", cfg.alpha, cfg.large_lr, cfg.large_steps),
-                                       ("small_lr", cfg.alpha, cfg.small_lr, cfg.small_steps),
-                                       ("control", cfg.control_alpha, cfg.large_lr, cfg.large_steps)):
-            log(f"linear/{name}: alpha={alpha}, lr={lr} (2/lr = {2 / lr:.1f}), {steps} steps")
-            runs[name] = linear_run(cfg, alpha, lr, steps, log)
-        large, small, control = runs["large_lr"], runs["small_lr"], runs["control"]
-        edge = 2 / cfg.large_lr
-        figure = out / "linear.png"
-        plot_linear(runs, figure, out / "linear_zoom.png")
-        log(f"linear: figures {figure}, {out / 'linear_zoom.png'}")
-        criteria = []
-
-        # the formula, wherever its premise holds: opposing curvature above the residual term's norm |∇_w L|
-        within, worst, worst_at, valid_steps, total = 0, 0.0, "", 0, 0
-        for name in ("large_lr", "small_lr"):
-            run = runs[name]
-            valid = run["prediction"] >= run["residual_term_norm"]
-            error = np.abs(run["prediction"] / run["sharpness"] - 1)
-            within, valid_steps, total = within + (error[valid] <= 0.05).sum(), valid_steps + valid.sum(), total + len(valid)
-            if error[valid].max() > worst:
-                worst, worst_at = float(error[valid].max()), f"{name} step {int(np.nonzero(valid)[0][np.argmax(error[valid])])}"
-        formula_fraction = within / valid_steps
-        criteria.append(criterion("formula p·α²·(|Ae_o|²+|b|²) within 5% of the Lanczos sharpness: fraction of steps",
-                                  formula_fraction, ">= 0.99", log=log, where=
-                                  f"{valid_steps}/{total} steps of the two α={cfg.alpha:g} runs where it exceeds |∇_w L|; "
-                                  f"max error {worst:.3f} at {worst_at}"))
-        episode = osig.oscillation_episode(large["loss_plus"], large["loss_minus"], large["sharpness"], 2 / cfg.large_lr)
-        quotient_error = float(np.abs(large["rayleigh_quotient"] / large["sharpness"] - 1)[episode].max()) \
-            if episode.any() else float("nan")
-        criteria.append(criterion("full Rayleigh quotient of the opposing direction vs Lanczos, max rel. error in the "
-                                  "large-lr oscillation episodes", quotient_error, "<= 0.05", log=log, where=
-                                  f"{episode.sum()} steps (leading term alone: "
-                                  f"{np.abs(large['prediction'] / large['sharpness'] - 1)[episode].max():.3f})"))
-
-        # small lr: rises to p α² |β| and stays, no oscillation
-        theory_final = small["signal_moment"] * small["genuine_target_norm"]
-        criteria.append(criterion("small lr: final sharpness / (p·α²·|β|) - 1", small["sharpness"][-1] / theory_final - 1,
-                                  "<= 0.05", log=log, where=
-                                  f"sharpness {small['sharpness'][-1]:.2f}, p·α²·|β| = {theory_final:.2f}"))
-        balance = small["b_norm_sq"][-1] / small["genuine_norm"][-1]
-        criteria.append(criterion("small lr: | |b|² / |w_genuine| - 1 | at the end (balanced growth)", abs(balance - 1),
-                                  "<= 0.05", log=log, where=f"ratio {balance:.4f}"))
-        criteria.append(criterion("small lr: period-2 fraction of the opposing weight",
-                                  osig.period_two_fraction(small["opposing_weight"]), "== 0", log=log))
-
-        # large lr: crossing, period-2 growth at the predicted rate, alternating groups, spike, self-stabilization
-        crossing = int(np.argmax(large["sharpness"] > edge))
-        crossed = bool(large["sharpness"].max() > edge)
-        criteria.append(criterion("large lr: max sharpness / (2/lr)", large["sharpness"].max() / edge, "> 1", log=log))
-        alternation, pairs = osig.consecutive_sign_changes(large["loss_plus"] - large["loss_minus"], episode)
-        criteria.append(criterion("large lr: fraction of consecutive steps where L(s=+1) - L(s=-1) changes sign, in episode",
-                                  alternation, ">= 0.8", log=log, where=f"{pairs} step pairs"))
-        growth_ratio = float("nan")
-        if episode.any():
-            # the first contiguous stretch of the episode, up to the largest swing of the opposing weight
-            first = int(np.argmax(episode))
-            last = first + int(np.argmin(episode[first:])) if not episode[first:].all() else len(episode)
-            w, lam = large["opposing_weight"], large["sharpness"]
-            peak = first + int(np.argmax(np.abs(w[first:last])))
-            steps = np.arange(first, peak)
-            growth_ratio = float(np.median(np.abs(w[steps + 1] / w[steps]) / np.abs(1 - cfg.large_lr * lam[steps])))
-        criteria.append(criterion("large lr: growing oscillation, |median of |w_o(t+1)/w_o(t)| / |1 - lr·sharpness_t|  -  1|",
-                                  abs(growth_ratio - 1), "<= 0.05", log=log, where=f"median ratio {growth_ratio:.4f}"))
-        spike = float(large["loss"][episode].max() / large["loss"][crossing]) if episode.any() else float("nan")
-        criteria.append(criterion("large lr: peak loss in the episode / loss at the first crossing of 2/lr", spike,
-                                  ">= 2", log=log))
-        hover = float(np.median(np.abs(large["sharpness"][crossing:] / edge - 1))) if crossed else float("nan")
-        criteria.append(criterion("large lr: median |sharpness/(2/lr) - 1| after the first crossing", hover, "<= 0.05", log=log))
-
-        # control: α at the genuine features' scale
-        criteria.append(criterion("control alpha: max sharpness / (2/lr)", control["sharpness"].max() / edge, "< 1", log=log))
-        criteria.append(criterion("control alpha: period-2 fraction of the opposing weight",
-                                  osig.period_two_fraction(control["opposing_weight"]), "== 0", log=log))
-
-        save_npz(out / "linear.npz", **{f"{name}_{key}": value for name, run in runs.items()
-                                                   for key, value in run.items()})
-        elapsed = time.time() - start
-        log(f"linear: done in {elapsed:.0f}s")
-        summary = (f"Two-layer linear net bᵀAx with an opposing feature x_o = ±{cfg.alpha} on p = 1/3 of the examples. "
-                   f"Its Lanczos sharpness is within 5% of p·α²·(|Ae_o|²+|b|²) on {formula_fraction:.1%} of steps "
-                   f"(max {worst:.0%} at {worst_at}; in the oscillation episodes the full Rayleigh quotient stays within "
-                   f"{quotient_error:.1%}) and grows "
-                   f"with the learned signal to p·α²·|β| = {theory_final:.1f} at lr {cfg.small_lr}; at lr {cfg.large_lr} "
-                   f"it crosses 2/lr = {edge:.0f} (max {large['sharpness'].max():.1f}), the opposing weight flips every step, "
-                   f"growing at the predicted rate |1-lr·λ| (ratio {growth_ratio:.3f}), the two groups' losses alternate on "
-                   f"{alternation:.0%} of steps (here L+ - L- = -2·α·offset·w_o exactly), the loss spikes {spike:.1f}x "
-                   f"and the sharpness then stays within a median "
-                   f"{hover:.1%} of 2/lr. With α = {cfg.control_alpha} the sharpness peaks at "
-                   f"{control['sharpness'].max():.1f} and nothing oscillates.")
-        return {"criteria": criteria, "figures": [figure.name, "linear_zoom.png"], "summary": summary}
 
 
 def plot_linear(runs, path, zoom_path):
@@ -632,6 +591,91 @@ def plot_linear(runs, path, zoom_path):
     save_figure(fig, zoom_path)
 
 
+
+
+def linear_criteria(cfg, runs, log):
+    """The linear model's criteria: the sharpness formula, growth to p·α²·|β|, flips at the predicted rate,
+    the spike and the self-stabilization, against the small-α control. Returns (criteria, values)."""
+    large, small, control = runs["large_lr"], runs["small_lr"], runs["control"]
+    edge, c = 2 / cfg.large_lr, []
+    # the formula where its premise holds: the opposing curvature exceeds the residual term's norm |∇_w L|
+    counted = {name: runs[name]["prediction"] >= runs[name]["residual_term_norm"] for name in ("large_lr", "small_lr")}
+    errors = {name: np.abs(runs[name]["prediction"] / runs[name]["sharpness"] - 1)[counted[name]] for name in counted}
+    within = sum(int((e <= 0.05).sum()) for e in errors.values()) / max(1, sum(len(e) for e in errors.values()))
+    c.append(criterion("formula p·α²·(|Ae_o|²+|b|²) within 5% of the Lanczos sharpness: fraction of counted steps",
+                       within, ">= 0.99", "choice", where=f"counted: the {sum(len(e) for e in errors.values())} of "
+                       f"{len(large['loss']) + len(small['loss'])} steps of the two α={cfg.alpha:g} runs where the "
+                       f"formula exceeds |∇_w L|", log=log))
+    episode = osig.oscillation_episode(large["loss_plus"], large["loss_minus"], large["sharpness"], edge)
+    quotient_error = float(np.abs(large["rayleigh_quotient"] / large["sharpness"] - 1)[episode].max()) \
+        if episode.any() else math.nan
+    c.append(criterion("full Rayleigh quotient of the opposing direction vs Lanczos, max relative error in the "
+                       "large-lr oscillation episodes", quotient_error, "<= 0.05", "choice", where=f"{episode.sum()} steps",
+                       log=log))
+    theory_final = small["signal_moment"] * small["genuine_target_norm"]
+    c.append(criterion("small lr: |final sharpness / (p·α²·|β|) - 1|", abs(small["sharpness"][-1] / theory_final - 1),
+                       "<= 0.05", "choice", where=f"{small['sharpness'][-1]:.2f} vs {theory_final:.2f}", log=log))
+    balance = small["b_norm_sq"][-1] / small["genuine_norm"][-1]
+    c.append(criterion("small lr: | |b|² / |w_genuine| - 1 | at the end (balanced growth)", abs(balance - 1), "<= 0.05",
+                       "choice", log=log))
+    c.append(criterion("small lr: period-2 fraction of the opposing weight",
+                       osig.period_two_fraction(small["opposing_weight"]), "== 0", "choice", log=log))
+    crossed = bool(large["sharpness"].max() >= edge)
+    crossing = int(np.argmax(large["sharpness"] >= edge)) if crossed else len(large["loss"])
+    c.append(criterion("large lr: max sharpness / (2/lr)", large["sharpness"].max() / edge, ">= 1", "paper", log=log))
+    alternation, pairs = osig.consecutive_sign_changes(large["loss_plus"] - large["loss_minus"], episode)
+    c.append(criterion("large lr: consecutive steps where L(s=+1) - L(s=-1) changes sign, in the episodes",
+                       alternation, ">= 0.8", "choice", where=f"{pairs} step pairs", log=log))
+    growth = math.nan
+    if episode.any():
+        # the first contiguous stretch of the episode, up to the largest swing of the opposing weight
+        start = int(np.argmax(episode))
+        stop = start + int(np.argmin(episode[start:])) if not episode[start:].all() else len(episode)
+        w, lam = large["opposing_weight"], large["sharpness"]
+        steps = np.arange(start, start + int(np.argmax(np.abs(w[start:stop]))))
+        growth = float(np.median(np.abs(w[steps + 1] / w[steps]) / np.abs(1 - cfg.large_lr * lam[steps])))
+    c.append(criterion("large lr: |median of |w_o(t+1)/w_o(t)| / |1 - lr·sharpness_t| - 1| (growth at the "
+                       "predicted rate)", abs(growth - 1), "<= 0.05", "choice", where=f"median ratio {growth:.4f}",
+                       log=log))
+    spike = float(large["loss"][episode].max() / large["loss"][crossing]) if episode.any() else math.nan
+    c.append(criterion("large lr: peak loss in the episodes / loss at the crossing", spike, ">= 2", "choice", log=log))
+    hover = float(np.median(np.abs(large["sharpness"][crossing:] / edge - 1))) if crossed else math.nan
+    c.append(criterion("large lr: median |sharpness/(2/lr) - 1| after the crossing", hover, "<= 0.05",
+                       "paper (self-stabilization); tolerance: choice", log=log))
+    c.append(criterion("control α: max sharpness / (2/lr)", control["sharpness"].max() / edge, "< 1", "choice", log=log))
+    c.append(criterion("control α: period-2 fraction of the opposing weight",
+                       osig.period_two_fraction(control["opposing_weight"]), "== 0", "choice", log=log))
+    return c, dict(within=within, theory_final=theory_final, growth=growth, alternation=alternation, spike=spike,
+                   hover=hover, edge=edge)
+
+
+def run_linear(cfg, out, device, log=print):
+    """Experiment: the two-layer linear model at a large lr, a small lr and a control α (float64, CPU)."""
+    with single_thread():
+        runs = {}
+        for name, alpha, lr, steps in (("large_lr", cfg.alpha, cfg.large_lr, cfg.large_steps),
+                                       ("small_lr", cfg.alpha, cfg.small_lr, cfg.small_steps),
+                                       ("control", cfg.control_alpha, cfg.large_lr, cfg.large_steps)):
+            log(f"linear/{name}: alpha={alpha}, lr={lr} (2/lr = {2 / lr:.1f}), {steps} steps")
+            runs[name] = linear_run(cfg, alpha, lr, steps, log)
+        plot_linear(runs, out / "linear.png", out / "linear_zoom.png")
+        criteria, v = linear_criteria(cfg, runs, log)
+        save_npz(out / "linear.npz", **{f"{name}_{key}": value for name, run in runs.items() for key, value in run.items()})
+    large, control = runs["large_lr"], runs["control"]
+    summary = (f"The Lanczos sharpness is within 5% of p·α²·(|Ae_o|²+|b|²) on {v['within']:.1%} of the counted steps. "
+               f"At lr {cfg.small_lr} it ends at {runs['small_lr']['sharpness'][-1]:.2f} against p·α²·|β| = "
+               f"{v['theory_final']:.2f}. At lr {cfg.large_lr} it "
+               + (f"crosses 2/lr = {v['edge']:.0f} (max {large['sharpness'].max():.1f}); the groups' loss difference "
+                  f"changes sign on {v['alternation']:.0%} of episode steps, the opposing weight grows at "
+                  f"{v['growth']:.3f} times the predicted rate, the loss spikes {v['spike']:.1f}x and the sharpness then "
+                  f"stays within a median {v['hover']:.1%} of 2/lr. " if large["sharpness"].max() >= v["edge"] else
+                  f"stays below 2/lr = {v['edge']:.0f} (max {large['sharpness'].max():.1f}). ")
+               + f"With α = {cfg.control_alpha:g} it peaks at {control['sharpness'].max():.1f}.")
+    return {"criteria": criteria, "figures": ["linear.png", "linear_zoom.png"], "summary": summary}
+
+
+# ----------------------------------------------------------------------------- experiment: toy, toy_ce
+
 def toy_run(cfg, alpha, log):
     """Full-batch GD on the toy network; every step records sharpness, x_0 curvature, group statistics and probes."""
     x, y, sign = osig.make_opposing_signal_data(cfg.n_pairs, cfg.n_plain, alpha, cfg.scales, offset=cfg.offset, seed=cfg.seed)
@@ -658,98 +702,32 @@ def toy_run(cfg, alpha, log):
                     "column_cancellation": float((g_plus + g_minus).norm() / (g_plus.norm() + g_minus.norm() + 1e-300)),
                     "active_both": float((active[plus] & active[minus]).float().mean())}
 
-    history = osig.train(model, x, y, loss_fn, optimizer="gd", lr=cfg.lr, steps=cfg.steps, eig_every=1,
-                         callback=record, probes=probes, log_every=cfg.steps // 4, seed=cfg.seed, log=log)
-    run = {key: np.array([entry[key] for entry in history["callback"]]) for key in history["callback"][0]}
+    def measure_with_probes(step, model, optimizer):
+        with torch.no_grad():
+            probe_output = model(probes)
+        return dict(sharpness(step, model, optimizer), probe_output=probe_output.numpy())
+
+    sharpness = osig.sharpness_measure(loss_fn, x, y, every=1, then=record)
+    history = osig.train(model, x, y, loss_fn, torch.optim.SGD(model.parameters(), lr=cfg.lr), cfg.steps,
+                         measure=measure_with_probes, seed=cfg.seed, log=log)
+    run = {key: osig.measured(history, key)[1] for key in history["measured"][0] if key != "step"}
     # the network's use of x_0: its output, or for two classes the logit difference f_1 - f_0
-    probe_output = history["probe_output"][:, :, -1] - (history["probe_output"][:, :, 0] if outputs == 2 else 0)
+    probe_output = run.pop("probe_output")
+    probe_output = probe_output[:, :, -1] - (probe_output[:, :, 0] if outputs == 2 else 0)
     odd, even = osig.odd_even_parts(probe_output, grid.numpy(), alpha)
-    run.update(loss=history["loss"], sharpness=history["eigenvalues"][:, 0], probe_output=probe_output,
+    run.update(loss=history["loss"], sharpness=run.pop("eigenvalues")[:, 0], probe_output=probe_output,
                grid=grid.numpy(), odd=odd, even=even, alpha=alpha, lr=cfg.lr, offset=cfg.offset, loss_name=cfg.loss)
     return run
 
 
-def half_learned_step(even):
-    """First step at which the network's |x_0| (even) response reaches half its final value.
-
-    For the squared-error toy the final value is the target offset; for the cross-entropy toy it is
-    the margin the network ends with. Returns len(even) if it never does."""
-    learned = np.asarray(even) >= even[-1] / 2 if even[-1] > 0 else np.zeros(len(even), dtype=bool)
-    return int(np.argmax(learned)) if learned.any() else len(even)
-
-
-def run_toy(cfg, out, log=print):
-    """Experiment `toy`: a small ReLU network sharpens on a rare opposing input, oscillates at 2/lr, and its control."""
-    with single_thread():
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        start = time.time()
-        log(f"toy: alpha={cfg.alpha}, lr={cfg.lr} (2/lr = {2 / cfg.lr:.1f}), {cfg.steps} steps")
-        toy = toy_run(cfg, cfg.alpha, log)
-        log(f"toy/control: alpha={cfg.control_alpha}")
-        control = toy_run(cfg, cfg.control_alpha, log)
-        edge = 2 / cfg.lr
-        figure = out / "toy.png"
-        plot_toy(toy, control, figure)
-        log(f"toy: figure {figure}")
-        criteria = []
-        crossed = bool((toy["sharpness"] > edge).any())
-        crossing = int(np.argmax(toy["sharpness"] > edge)) if crossed else len(toy["loss"])
-        half_learned = half_learned_step(toy["even"])
-        early = slice(1, crossing)
-        cosine = float(np.median(toy["column_cosine"][early]))
-        criteria.append(criterion("before 2/lr: median cosine between the two groups' gradients on the x_0 weights",
-                                  cosine, "<= -0.9", log=log, where=f"steps 1..{crossing - 1}"))
-        balance = float(np.median(np.abs(toy["loss_plus"] - toy["loss_minus"])[early]
-                                  / ((toy["loss_plus"] + toy["loss_minus"])[early] / 2)))
-        criteria.append(criterion("before 2/lr: median |L(x_0>0) - L(x_0<0)| / their mean", balance, "<= 0.1", log=log))
-        criteria.append(criterion("max sharpness / (2/lr)", toy["sharpness"].max() / edge, "> 1", log=log, where=
-                                  f"from {toy['sharpness'][0]:.2f} at init to {toy['sharpness'].max():.2f}, "
-                                  f"crossing at step {crossing}"))
-        curvature_error = float(np.median(np.abs(toy["opposing_curvature"] / toy["sharpness"] - 1)[crossing:]))
-        criteria.append(criterion("after 2/lr: median |x_0-column curvature λmax(M) / sharpness - 1|", curvature_error,
-                                  "<= 0.05", log=log))
-        episode = osig.oscillation_episode(toy["loss_plus"], toy["loss_minus"], toy["sharpness"], edge)
-        difference = toy["loss_plus"] - toy["loss_minus"]
-        before = episode & (np.arange(len(episode)) < half_learned)
-        after = episode & (np.arange(len(episode)) >= half_learned)
-        alternation, pairs = osig.consecutive_sign_changes(difference, before)
-        alternation_after, pairs_after = osig.consecutive_sign_changes(difference, after)
-        criteria.append(criterion("EoS, |x_0| part not yet learned: fraction of consecutive steps where L(x_0>0) - L(x_0<0) "
-                                  "changes sign", alternation, ">= 0.8", log=log, where=
-                                  f"{pairs} step pairs (steps {crossing}..{half_learned}); after |x_0| is learned: "
-                                  f"{alternation_after:.2f} over {pairs_after} pairs"))
-        flips, flip_pairs = osig.consecutive_sign_changes(toy["odd"], episode)
-        criteria.append(criterion("EoS: fraction of consecutive steps where the pure-x_0 probe's odd part flips sign", flips,
-                                  ">= 0.8", log=log, where=f"{flip_pairs} step pairs"))
-        late = toy["sharpness"][int(0.9 * len(toy["sharpness"])):].mean() / edge
-        criteria.append(criterion("after |x_0| is learned: mean sharpness over the last 10% of steps / (2/lr) (a fall)", late,
-                                  "<= 0.9", log=log, where=f"|x_0| part half learned at step {half_learned}; fraction of (unit, pair) "
-                                  f"active on both signs at the end {toy['active_both'][-1]:.2f}"))
-        rise, control_rise = toy["sharpness"].max() - toy["sharpness"][0], control["sharpness"].max() - control["sharpness"][0]
-        criteria.append(criterion("sharpening (max - initial sharpness): outliers / control α", rise / control_rise,
-                                  ">= 3", log=log, where=f"{rise:.2f} vs {control_rise:.2f}"))
-        save_npz(out / "toy.npz", **{f"{name}_{key}": value for name, run in (("toy", toy), ("control", control))
-                                                for key, value in run.items()})
-        elapsed = time.time() - start
-        log(f"toy: done in {elapsed:.0f}s")
-        summary = (f"ReLU MLP (width {cfg.width}, {'squared error' if cfg.loss == 'mse' else 'two-class cross-entropy'}) "
-                   f"with x_0 = ±{cfg.alpha:g} on 1/3 of the examples and a target offset {cfg.offset:g} on |x_0|. Before the edge the two groups' gradients on the x_0 weights cancel (median "
-                   f"cosine {cosine:.3f}) and their losses stay balanced; the sharpness rises {rise / control_rise:.0f}x more "
-                   f"than with α = {cfg.control_alpha:g}, tracks the x_0-column curvature (median error {curvature_error:.1%} "
-                   f"after the edge) and crosses 2/lr = {edge:g} at step {crossing}; the probe's odd part then flips on "
-                   f"{flips:.0%} of steps and the groups' loss difference changes sign on {alternation:.0%} of steps until "
-                   f"|x_0| is learned (step {half_learned}), after which the groups move in phase ({alternation_after:.0%}). "
-                   f"The sharpness does not fall afterwards: it stays at {late:.2f}x 2/lr.")
-        return {"criteria": criteria, "figures": [figure.name], "summary": summary}
 
 
 def plot_toy(toy, control, path):
     """toy.png: the full run (losses, sharpness, odd/even use of x_0), a zoom on the anti-phase oscillation, f(x_0 e_0)."""
     edge = 2 / toy["lr"]
     steps = np.arange(len(toy["loss"]))
-    crossing = int(np.argmax(toy["sharpness"] > edge)) if (toy["sharpness"] > edge).any() else len(steps) - 1
-    half_learned = min(half_learned_step(toy["even"]), len(steps) - 1)
+    crossing = int(np.argmax(toy["sharpness"] >= edge)) if (toy["sharpness"] >= edge).any() else len(steps) - 1
+    half_learned = min(osig.half_learned_step(toy["even"]), len(steps) - 1)
     episode = osig.oscillation_episode(toy["loss_plus"], toy["loss_minus"], toy["sharpness"], edge) & (steps < half_learned)
     gap = np.where(episode, np.abs(toy["loss_plus"] - toy["loss_minus"]), -1)
     center = int(np.argmax(gap)) if episode.any() else crossing
@@ -822,317 +800,397 @@ def plot_toy(toy, control, path):
     save_figure(fig, path)
 
 
-def evaluate(model, loss_fn, x, y, chunk=1000):
-    """Mean loss and accuracy of the model on (x, y), without gradients."""
-    with torch.no_grad():
-        outputs = torch.cat([model(x[s:s + chunk]) for s in range(0, len(x), chunk)])
-    return float(loss_fn(outputs, y).mean()), float((outputs.argmax(-1) == y).float().mean())
 
 
-def early_layers(names):
-    """The first third (rounded up) of the layer groups in module order: the first Linear of the MLP; the
-    positions, patch embedding and first block of a depth-4 ViT; stem and first blocks of a ResNet."""
-    return np.arange(len(names)) < int(np.ceil(len(names) / 3))
+def late_fall(sharpness):
+    """1 - (mean sharpness over the last 10% of steps) / (maximum sharpness): how far it has fallen back."""
+    sharpness = np.asarray(sharpness)
+    return float(1 - sharpness[int(0.9 * len(sharpness)):].mean() / sharpness.max())
 
 
-def run_optimizers(cfg, out, device, log=print):
-    """Issue 5: Adam versus SGD (with clipping and split-update SGD) under opposing signals."""
-    start_time = time.time()
-    loss_fn = LOSSES[cfg.loss]
+def toy_criteria(cfg, toy, control, log):
+    """The toy's criteria: opposed and balanced groups before the edge, sharpening that the x_0-column
+    curvature explains, anti-phase groups and a flipping probe at the edge, then the fall (or not) once |x_0|
+    is learned, each against the small-α control. Returns (criteria, values)."""
+    edge, c = 2 / cfg.lr, []
+    crossed = bool((toy["sharpness"] >= edge).any())
+    crossing = int(np.argmax(toy["sharpness"] >= edge)) if crossed else len(toy["loss"])
+    half = osig.half_learned_step(toy["even"])
+    early = slice(1, crossing)
+    cosine = float(np.median(toy["column_cosine"][early]))
+    c.append(criterion("before 2/lr: median cosine of the two groups' gradients on the x_0 weights", cosine, "<= -0.9",
+                       "choice", where=f"steps 1..{crossing - 1}", log=log))
+    balance = float(np.median(np.abs(toy["loss_plus"] - toy["loss_minus"])[early]
+                              / ((toy["loss_plus"] + toy["loss_minus"])[early] / 2)))
+    c.append(criterion("before 2/lr: median |L(x_0>0) - L(x_0<0)| / their mean", balance, "<= 0.1", "choice", log=log))
+    c.append(criterion("max sharpness / (2/lr)", toy["sharpness"].max() / edge, ">= 1", "paper", log=log,
+                       where=f"from {toy['sharpness'][0]:.2f} at init, crossing at step {crossing}"))
+    error = float(np.median(np.abs(toy["opposing_curvature"] / toy["sharpness"] - 1)[crossing:])) if crossed else math.nan
+    c.append(criterion("after 2/lr: median |x_0-column curvature / sharpness - 1|", error, "<= 0.05", "choice", log=log))
+    episode = osig.oscillation_episode(toy["loss_plus"], toy["loss_minus"], toy["sharpness"], edge)
+    difference, steps = toy["loss_plus"] - toy["loss_minus"], np.arange(len(episode))
+    alternation, pairs = osig.consecutive_sign_changes(difference, episode & (steps < half))
+    alternation_after, pairs_after = osig.consecutive_sign_changes(difference, episode & (steps >= half))
+    c.append(criterion("at the edge, before |x_0| is learned: consecutive steps where L(x_0>0) - L(x_0<0) changes "
+                       "sign", alternation, ">= 0.8", "choice", where=f"{pairs} step pairs; after: "
+                       f"{alternation_after:.2f} over {pairs_after}", log=log))
+    flips, flip_pairs = osig.consecutive_sign_changes(toy["odd"], episode)
+    c.append(criterion("at the edge: consecutive steps where the pure-x_0 probe's odd part flips sign", flips, ">= 0.8",
+                       "choice", where=f"{flip_pairs} step pairs", log=log))
+    rise, control_rise = toy["sharpness"].max() - toy["sharpness"][0], control["sharpness"].max() - control["sharpness"][0]
+    c.append(criterion("sharpening (max - initial sharpness): outliers / control α", rise / control_rise, ">= 3",
+                       "choice", log=log))
+    late = toy["sharpness"][int(0.9 * len(toy["sharpness"])):].mean()
+    c.append(criterion("the fall: mean sharpness over the last 10% of steps / (2/lr)", late / edge, "<= 0.9", "paper",
+                       log=log))
+    between = slice(crossing, half) if crossed and half > crossing else slice(0, 0)
+    before = toy["sharpness"][between].mean() if between.stop > between.start else math.nan
+    c.append(criterion("the fall comes after |x_0| is learned: last-10% sharpness / mean sharpness between the "
+                       "crossing and the half-learned step", late / before, "<= 0.9", "choice",
+                       where=f"half learned at step {half}", log=log))
+    curvature_before = toy["opposing_curvature"][between].mean() if between.stop > between.start else math.nan
+    curvature_late = toy["opposing_curvature"][int(0.9 * len(toy["sharpness"])):].mean()
+    c.append(criterion("the x_0-column curvature falls with it: last 10% / between crossing and half-learned step",
+                       curvature_late / curvature_before, "<= 0.9", "choice", log=log))
+    fall, control_fall = late_fall(toy["sharpness"]), late_fall(control["sharpness"])
+    c.append(criterion("the fall is the outliers' doing: fall from the peak (1 - late/max), toy minus control α",
+                       fall - control_fall, ">= 0.2", "choice", where=f"{fall:.2f} vs {control_fall:.2f}", log=log))
+    return c, dict(crossing=crossing, half=half, cosine=cosine, rise=rise / control_rise, error=error, flips=flips,
+                   alternation=alternation, alternation_after=alternation_after, late=late / edge, fall=fall,
+                   control_fall=control_fall, crossed=crossed)
+
+
+def run_toy(cfg, out, device, log=print):
+    """Experiment: the toy ReLU network with the outlier feature and with a small control α (float64, CPU)."""
+    with single_thread():
+        log(f"toy: alpha={cfg.alpha}, lr={cfg.lr} (2/lr = {2 / cfg.lr:.1f}), {cfg.steps} steps, loss {cfg.loss}")
+        toy = toy_run(cfg, cfg.alpha, log)
+        log(f"toy/control: alpha={cfg.control_alpha}")
+        control = toy_run(cfg, cfg.control_alpha, log)
+        plot_toy(toy, control, out / "toy.png")
+        criteria, v = toy_criteria(cfg, toy, control, log)
+        save_npz(out / "toy.npz", **{f"{name}_{key}": value for name, run in (("toy", toy), ("control", control))
+                                     for key, value in run.items()})
+    falls = v["late"] <= 0.9 and v["fall"] - v["control_fall"] >= 0.2
+    summary = (f"Before the edge the two groups' gradients on the x_0 weights cancel (median cosine {v['cosine']:.3f}); "
+               f"the sharpness rises {v['rise']:.1f}x more than with α = {cfg.control_alpha:g}"
+               + (f", crosses 2/lr = {2 / cfg.lr:g} at step {v['crossing']} and then tracks the x_0-column curvature "
+                  f"(median error {v['error']:.1%}); the probe's odd part flips on {v['flips']:.0%} of steps and the "
+                  f"groups' loss difference changes sign on {v['alternation']:.0%} of steps until |x_0| is half "
+                  f"learned (step {v['half']}), on {v['alternation_after']:.0%} after. " if v["crossed"] else
+                  " but never reaches 2/lr. ")
+               + (f"Over the last 10% of steps the sharpness {'falls' if falls else 'does not fall'}: "
+                  f"{v['late']:.2f} x 2/lr, {v['fall']:.0%} below its peak against {v['control_fall']:.0%} for the "
+                  f"control."))
+    return {"criteria": criteria, "figures": ["toy.png"], "summary": summary}
+
+
+# ----------------------------------------------------------------------------- experiment: optimizers
+
+OPTIMIZERS = ("sgd", "adam", "clip", "split")
+COLORS = {"sgd": "C0", "adam": "C3", "clip": "C2", "split": "C1"}
+
+
+def make_optimizer(name, model, lr, cfg, split_lr=1e-3):
+    """A constructed optimizer: heavy-ball SGD ("sgd", and "clip", which `train` clips), Adam, or SplitSGD
+    whose normalized coordinates move at split_lr."""
+    if name in ("sgd", "clip"):
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, betas=(cfg.momentum, cfg.beta2))
+    return osig.SplitSGD(model.parameters(), lr=lr, normalized_lr=split_lr, quantile=cfg.split_quantile,
+                         momentum=cfg.momentum, betas=(cfg.momentum, cfg.beta2))
+
+
+def optimizer_run(cfg, data, name, lr, seed, measured, device, split_lr=1e-3, log=print):
+    """One minibatch run. measured=False (a grid point): the full-set mean loss every cfg.curve_every steps.
+    measured=True: per-example losses every cfg.record_every steps, sign flips every step, and every
+    cfg.eig_every steps the (preconditioned) sharpness and the layer shares of the top eigenvector.
+    Returns (model, history, final train loss, test accuracy, threshold)."""
+    x, y, x_test, y_test = data
+    model = build_model(cfg, x.shape[1:], seed).to(device)
+    optimizer, loss_fn = make_optimizer(name, model, lr, cfg, split_lr), LOSSES[cfg.loss]
+    every = cfg.record_every if measured else cfg.curve_every
+    sharpness = osig.sharpness_measure(
+        loss_fn, x[:cfg.eig_examples], y[:cfg.eig_examples], cfg.eig_every,
+        preconditioner=osig.adaptive_preconditioner if name in ("adam", "split") else None,
+        then=lambda step, model, values, vectors: {"layer_shares": osig.layer_shares(vectors[:, 0], model)})
+    flips = osig.sign_flip_measure()
+
+    def measure(step, model, optimizer):
+        record = {"per_example_loss": osig.per_example_losses(model, loss_fn, x, y).cpu().numpy()} \
+            if step % every == 0 else {}
+        if measured:
+            record.update(flips(step, model, optimizer), **(sharpness(step, model, optimizer) or {}))
+        return record
+
+    history = osig.train(model, x, y, loss_fn, optimizer, cfg.steps, batch_size=cfg.batch_size, measure=measure,
+                         clip_norm=cfg.clip_norm if name == "clip" else None, seed=seed, log=log if measured else None)
+    train_loss, _ = osig.evaluate(model, loss_fn, x, y)
+    _, test_accuracy = osig.evaluate(model, loss_fn, x_test, y_test)
+    finite = history["diverged"] is None and math.isfinite(train_loss)
+    return model, history, train_loss if finite else math.inf, test_accuracy, osig.stability_threshold(optimizer)
+
+
+def optimizer_data(cfg, device):
+    """(x, y, x_test, y_test) on the device: cfg.n_train training images and cfg.n_test test images."""
     if cfg.data == "planted":
-        images, labels, _ = load_training_images("planted", cfg.n_train + cfg.n_test, cfg.seed)
+        images, labels, _ = load_images("planted", cfg.n_train + cfg.n_test, 0)
         test_images, test_labels = images[cfg.n_train:], labels[cfg.n_train:]
         images, labels = images[:cfg.n_train], labels[:cfg.n_train]
     else:
-        images, labels, _ = load_training_images(cfg.data, cfg.n_train, cfg.seed)
+        images, labels, _ = load_images(cfg.data, cfg.n_train, 0)
         test_images, test_labels = osig.load_cifar10(train=False)
         test_images, test_labels = test_images[:cfg.n_test], test_labels[:cfg.n_test]
     x, mean, std = osig.normalize(images)
-    x_test, _, _ = osig.normalize(test_images, mean, std)
-    x, y, x_test, y_test = x.to(device), labels.to(device), x_test.to(device), test_labels.to(device)
-    betas = (cfg.momentum, cfg.beta2)
+    x_test = osig.normalize(test_images, mean, std)[0]
+    return x.to(device), labels.to(device), x_test.to(device), test_labels.to(device)
+
+
+def run_optimizers(cfg, out, device, log=print):
+    """Experiment: Adam versus SGD (and clipped and split-update SGD) at each one's best step size."""
+    data, notes = optimizer_data(cfg, device), []
     grids = {"sgd": cfg.sgd_lrs, "adam": cfg.adam_lrs, "clip": cfg.clip_lrs, "split": cfg.split_lrs}
-    log(f"  {len(x)} training and {len(x_test)} test images, {cfg.model}, {cfg.steps} steps of batch "
-        f"{cfg.batch_size}; step-size grids: " + "; ".join(f"{k} {list(v)}" for k, v in grids.items()) +
-        f" (split: normalized part at Adam's best lr, q = {cfg.split_quantile}; clip at |g| <= {cfg.clip_norm})")
+    grid, best = {}, {}
+    for name in OPTIMIZERS:                             # 1. step-size grids, the same budget for each
+        split_lr = best["adam"] if name == "split" else 1e-3
+        grid[name] = [optimizer_run(cfg, data, name, lr, cfg.seeds[0], False, device, split_lr)[2:4] for lr in grids[name]]
+        best[name] = grids[name][int(np.argmin([loss for loss, _ in grid[name]]))]
+        log(f"  grid | {name}: " + ", ".join(f"lr {lr:g} -> loss {loss:.4f}, test acc {acc:.3f}"
+                                             for lr, (loss, acc) in zip(grids[name], grid[name])))
+        if best[name] in (grids[name][0], grids[name][-1]):
+            notes.append(f"{name}'s best lr {best[name]:g} is at the edge of its grid {list(grids[name])}: a better "
+                         f"one may lie outside it")
+            log(f"  note: {notes[-1]}")
+    runs = {}                                           # 2. the best of each, measured; sgd, adam, split on every seed
+    for name in OPTIMIZERS:
+        for seed in (cfg.seeds if name != "clip" else cfg.seeds[:1]):
+            log(f"  measured run | {name} lr {best[name]:g} seed {seed}")
+            runs[name, seed] = optimizer_run(cfg, data, name, best[name], seed, True, device, best["adam"], log)
+    summary = {name: optimizer_summary(cfg, *runs[name, cfg.seeds[0]]) for name in OPTIMIZERS}
+    criteria = optimizer_criteria(cfg, runs, summary, log)
+    table = optimizer_table(cfg, grids, grid, best, summary)
+    atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+    log("\n" + table)
+    notes.append("Table (also in table.md):\n\n" + table)
+    notes.append("Thresholds: (2 + 2 momentum)/lr for SGD and clip (heavy ball; 2/lr without momentum), "
+                 "(2 + 2 beta1)/((1 - beta1) lr) for Adam on P^-1/2 H P^-1/2 with P = sqrt(v_hat) + eps, and "
+                 "(2 + 2 momentum)/lr for split on its own P. Sharpness is of the mean loss over the first "
+                 f"{cfg.eig_examples} training examples; opposing groups are the top-{cfg.top} examples by loss change "
+                 f"between two records {cfg.record_every} steps apart, followed for {cfg.window} records.")
+    optimizer_figures(cfg, runs, summary, out)
+    return {"criteria": criteria, "figures": ["training_curves.png", "layer_shares.png"], "notes": notes}
 
-    def run(name, lr, measured, split_lr=None):
-        """One seeded run; `measured` adds dense per-example losses, frequent sharpness, eigenvectors, sign flips."""
-        model = build_model(cfg, x.shape[1:]).to(device)
-        history = osig.train(
-            model, x, y, loss_fn, name, lr=lr, steps=cfg.steps, batch_size=cfg.batch_size, momentum=cfg.momentum,
-            betas=betas, chunk=cfg.chunk or None, eig_every=cfg.eig_every if measured else cfg.grid_eig_every,
-            eig_examples=cfg.eig_examples, eig_iters=cfg.eig_iters,
-            record_every=cfg.record_every if measured else cfg.curve_every,
-            callback=(lambda step, m, values, vectors: osig.layer_shares(vectors[:, 0], m)) if measured else None,
-            log_every=cfg.steps // 5 if measured else 0, seed=cfg.seed, log=log, clip_norm=cfg.clip_norm,
-            split_quantile=cfg.split_quantile, split_lr=split_lr or 1e-3,
-            preconditioned=name in ("adam", "split"), record_sign_flips=measured)
-        if history["diverged"]:
-            return model, history, float("inf"), float("nan"), float("nan")
-        train_loss, _ = evaluate(model, loss_fn, x, y)
-        test_loss, test_accuracy = evaluate(model, loss_fn, x_test, y_test)
-        return model, history, train_loss if np.isfinite(train_loss) else float("inf"), test_loss, test_accuracy
 
-    def sharpness_ratio(name, history):
-        """Per measurement: (preconditioned, for adam and split) sharpness / the optimizer's threshold."""
-        values = history["preconditioned_eigenvalues" if name in ("adam", "split") else "eigenvalues"]
-        return values[:, 0] / history["threshold"]
+def optimizer_summary(cfg, model, history, train_loss, test_accuracy, threshold):
+    """The numbers of one measured run: losses, oscillation against its controls, sharpness / threshold, layers."""
+    _, losses = osig.measured(history, "per_example_loss")
+    oscillation = osig.opposing_group_oscillation(losses, top=cfg.top, window=cfg.window, start=len(losses) // 5,
+                                                  seed=0)
+    eig_step, plain = osig.measured(history, "eigenvalues")
+    _, preconditioned = osig.measured(history, "preconditioned_eigenvalues")
+    seen = preconditioned if len(preconditioned) else plain
+    later = eig_step >= cfg.steps // 2
+    _, shares = osig.measured(history, "layer_shares")
+    relative = shares[eig_step > 0].mean(0) / osig.parameter_shares(model)
+    names = osig.parameter_layers(model)[0]
+    early = np.arange(len(names)) < int(np.ceil(len(names) / 3))      # the first third of the layers
+    return dict(train_loss=train_loss, test_accuracy=test_accuracy, oscillation=oscillation,
+                ratio=seen[:, 0] / threshold, eig_step=eig_step, median_ratio=float(np.nanmedian(seen[later, 0])) /
+                threshold, relative_shares=relative, layer_names=names, early=early,
+                early_relative=float(shares[eig_step > 0].mean(0)[early].sum() / osig.parameter_shares(model)[early].sum()),
+                sign_flips=osig.layer_sign_flip_rates(osig.measured(history, "sign_flips")[1], model),
+                curve=(osig.measured(history, "per_example_loss")[0], losses.mean(1)))
 
-    # 1. step-size grids, all with the same budget; the best step size has the lowest final training loss
-    grid_results, best = {}, {}
-    for name in OPTIMIZER_NAMES:
-        split_lr = best["adam"]["lr"] if name == "split" else None
-        rows = []
-        for lr in grids[name]:
-            t0 = time.time()
-            _, history, train_loss, test_loss, test_accuracy = run(name, lr, False, split_lr)
-            ratio = sharpness_ratio(name, history)[history["eig_step"] > 0]
-            rows.append(dict(lr=lr, train_loss=train_loss, test_loss=test_loss, test_accuracy=test_accuracy,
-                             curve_step=history["record_step"], curve=history["per_example_loss"].mean(1),
-                             ratio=float(np.nanmax(ratio)) if np.isfinite(ratio).any() else float("nan")))
-            log(f"  grid | {name:5s} lr {lr:<8g} final train loss {train_loss:.4f} test acc {test_accuracy:.3f} "
-                f"max sharpness / threshold {rows[-1]['ratio']:.3f} ({time.time() - t0:.0f}s)")
-        grid_results[name] = rows
-        choice = min(rows, key=lambda row: row["train_loss"])
-        best[name] = dict(choice, split_lr=split_lr)
-        if choice["lr"] in (grids[name][0], grids[name][-1]):
-            log(f"  note: {name}'s best lr {choice['lr']} is at the edge of its grid")
 
-    # 2. the best run of each optimizer again, measured (same seed: the same trajectory)
-    measured, notes = {}, []
-    for name in OPTIMIZER_NAMES:
-        lr = best[name]["lr"]
-        log(f"  measured run | {name} lr {lr}")
-        model, history, train_loss, _, _ = run(name, lr, True, best[name]["split_lr"])
-        if not np.isclose(train_loss, best[name]["train_loss"], rtol=1e-4):
-            notes.append(f"{name}: the measured rerun ended at train loss {train_loss:.5f}, the grid run at "
-                         f"{best[name]['train_loss']:.5f} (not bit-identical on this device)")
-        measured[name] = dict(history=history, model=model)
-    layer_names, layer_index, sizes = osig.parameter_layers(measured["sgd"]["model"])
-    parameter_share = np.bincount(layer_index, weights=sizes, minlength=len(layer_names)) / sizes.sum()
-    early = early_layers(layer_names)
-
-    # 3. analysis of each measured run
-    summary = {}
-    for name in OPTIMIZER_NAMES:
-        history = measured[name]["history"]
-        losses = history["per_example_loss"]
-        start = len(losses) // 5          # after the first fifth of training, when the fast initial drop is over
-        oscillation = osig.opposing_group_oscillation(losses, top=cfg.top, window=cfg.window, start=start,
-                                                       seed=cfg.seed)
-        threshold = history["threshold"]
-        ratio = sharpness_ratio(name, history)
-        later = history["eig_step"] >= cfg.steps // 2
-        shares = np.asarray([s for step, s in zip(history["eig_step"], history["callback"]) if step > 0])
-        mean_shares = shares.mean(0) if len(shares) else np.full(len(layer_names), np.nan)
-        flips = osig.layer_sign_flip_rates(history["sign_flip"], measured[name]["model"])
-        summary[name] = dict(
-            lr=best[name]["lr"], train_loss=best[name]["train_loss"], test_accuracy=best[name]["test_accuracy"],
-            relative_amplitude=oscillation["median_relative"], amplitude=oscillation["median_amplitude"],
-            relative_matched=oscillation["median_relative_matched"],
-            group_correlation=oscillation["median_correlation"], oscillation=oscillation,
-            sharpness_ratio=float(np.nanmedian(ratio[later])) if later.any() else float("nan"),
-            sharpness_ratio_max=float(np.nanmax(ratio)) if np.isfinite(ratio).any() else float("nan"),
-            plain_sharpness=float(np.median(history["eigenvalues"][later, 0])) if later.any() else float("nan"),
-            threshold=threshold, layer_shares=mean_shares, early_share=float(mean_shares[early].sum()),
-            sign_flips=flips, ratio=ratio)
-        log(f"  {name:5s} | lr {summary[name]['lr']:<7g} | train loss {summary[name]['train_loss']:.4f} | test acc "
-            f"{summary[name]['test_accuracy']:.3f} | group oscillation {summary[name]['relative_amplitude']:.2f}x "
-            f"random, {summary[name]['relative_matched']:.2f}x loss-matched ({summary[name]['amplitude']:.4f} per "
-            f"{cfg.record_every} steps, corr up/down "
-            f"{summary[name]['group_correlation']:.2f}) | {'preconditioned ' if name in ('adam', 'split') else ''}"
-            f"sharpness / threshold {summary[name]['sharpness_ratio']:.3f} (max {summary[name]['sharpness_ratio_max']:.3f})"
-            f" | early-layer eigenvector share {summary[name]['early_share']:.3f}")
-
-    # 4. criteria
-    criteria = []
+def optimizer_criteria(cfg, runs, summary, log):
+    """SGD's opposing-group oscillation against Adam's, where the top eigenvector lives, and the share of the
+    SGD-to-Adam gap that split-update SGD closes, on every seed with a t-interval."""
     sgd, adam = summary["sgd"], summary["adam"]
-    amplitude_ratio = sgd["relative_amplitude"] / adam["relative_amplitude"]
-    criteria.append(criterion("opposing-group oscillation (x control), SGD / Adam at their best lr", amplitude_ratio,
-                              ">= 3", amplitude_ratio >= 3, log))
+    ratio = sgd["oscillation"]["median_relative_matched"] / adam["oscillation"]["median_relative_matched"]
+    c = [criterion("opposing-group oscillation over its loss-matched control, SGD / Adam", ratio, ">= 3", "choice",
+                   where=f"{sgd['oscillation']['median_relative_matched']:.2f} / "
+                   f"{adam['oscillation']['median_relative_matched']:.2f}", log=log)]
     for name in ("sgd", "adam"):
-        criteria.append(criterion(f"{name}: share of the top Hessian eigenvector's squared norm in the early layers "
-                                  f"({', '.join(np.asarray(layer_names)[early])}; their parameter share "
-                                  f"{parameter_share[early].sum():.2f})", summary[name]["early_share"], ">= 0.5",
-                                  summary[name]["early_share"] >= 0.5, log))
-    gap = sgd["train_loss"] - adam["train_loss"]
-    closed = {name: (sgd["train_loss"] - summary[name]["train_loss"]) / gap if gap > 0 else float("nan")
-              for name in ("clip", "split")}
-    criteria.append(criterion("fraction of the SGD -> Adam final train-loss gap closed by split-update SGD",
-                              closed["split"], ">= 0.5 (our reading of 'closes most of it')",
-                              closed["split"] >= 0.5, log))
-    if gap <= 0:
-        notes.append(f"Adam did not reach a lower final train loss than SGD (gap {gap:.4g}): the fraction of the "
-                     f"gap closed is undefined (nan).")
-
-    # 5. table and notes
-    header = ("| optimizer | best lr | final train loss | test acc | group oscillation / random control | "
-              "/ loss-matched control | group amplitude (loss per record) | corr(up, down) | "
-              "sharpness / threshold (median, 2nd half) | early-layer share (parameter share) |")
-    table = [header, "|" + "---|" * 10]
-    for name in OPTIMIZER_NAMES:
         s = summary[name]
-        kind = "P^-1 H vs 38/lr" if name == "adam" else ("P^-1 H vs 3.8/lr" if name == "split" else "H vs 3.8/lr")
-        table.append(f"| {name} | {s['lr']:g} | {s['train_loss']:.4f} | {s['test_accuracy']:.3f} | "
-                     f"{s['relative_amplitude']:.2f} | {s['relative_matched']:.2f} | {s['amplitude']:.4f} | "
-                     f"{s['group_correlation']:.2f} | {s['sharpness_ratio']:.3f} ({kind}) | {s['early_share']:.3f} "
-                     f"({parameter_share[early].sum():.2f}) |")
-    table += ["", "Step-size grids (same budget for each): lr -> final train loss, test acc, max sharpness / threshold",
-              "", "| optimizer | grid |", "|---|---|"]
-    for name in OPTIMIZER_NAMES:
-        table.append(f"| {name} | " + "; ".join(f"{row['lr']:g} -> {row['train_loss']:.3g}, {row['test_accuracy']:.3f}, "
-                                             f"{row['ratio']:.2f}" for row in grid_results[name]) + " |")
-    table_text = "\n".join(table)
-    atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(table_text + "\n"))
-    log("\n" + table_text)
-    notes.append("Measured table (also in table.md): " + " ".join(
-        f"{n}: lr {summary[n]['lr']:g}, train loss {summary[n]['train_loss']:.4f}, test acc "
-        f"{summary[n]['test_accuracy']:.3f}, group oscillation {summary[n]['relative_amplitude']:.2f}x control, "
-        f"sharpness/threshold {summary[n]['sharpness_ratio']:.3f}, early-layer share {summary[n]['early_share']:.3f};"
-        for n in OPTIMIZER_NAMES))
-    notes.append(f"Gap SGD -> Adam in final train loss: {gap:.4g}; clipping closes {closed['clip']:.2f} of it, "
-                 f"split-update SGD {closed['split']:.2f}.")
-    notes.append(f"Other normalizations of the oscillation, SGD / Adam: in loss units {sgd['amplitude']:.4f} / "
-                 f"{adam['amplitude']:.4f} per {cfg.record_every} steps (ratio {sgd['amplitude'] / adam['amplitude']:.2f}); "
-                 f"against loss-matched control groups {sgd['relative_matched']:.2f} / {adam['relative_matched']:.2f} "
-                 f"(ratio {sgd['relative_matched'] / adam['relative_matched']:.2f}). The windows are at the same steps, "
-                 f"not at the same training loss.")
-    notes.append("Max (preconditioned) sharpness / threshold over each grid run: " + "; ".join(
-        f"{n}: " + ", ".join(f"lr {row['lr']:g} -> {row['ratio']:.2f}" for row in grid_results[n])
-        for n in OPTIMIZER_NAMES) + ".")
-    notes.append("Per-layer sign-flip rate of the minibatch gradient (fraction of coordinates per step): " + "; ".join(
-        f"{n}: " + ", ".join(f"{layer} {rate:.2f}" for layer, rate in zip(layer_names, summary[n]["sign_flips"]))
-        for n in ("sgd", "adam")) + ".")
-    notes.append("Rules (OUR RECONSTRUCTION): opposing groups are the top-|change| examples between two consecutive "
-                 f"records (every {cfg.record_every} steps, odd so a period-2 oscillation still alternates), split "
-                 "by sign; their amplitude is the mean |change| of each group's mean loss over the next "
-                 f"{cfg.window} intervals, divided by that of random groups of the same sizes (median over "
-                 "selections; also against loss-matched groups, since high-loss examples move more anyway). Thresholds: (2 + 2 momentum)/lr for SGD and clip (heavy-ball; 2/lr is the "
-                 "momentum-free case), (2 + 2 beta1)/((1 - beta1) lr) for Adam on P^-1/2 H P^-1/2, "
-                 "P = sqrt(v_hat) + eps; split on its own P (SplitSGD.preconditioner). Sharpness is of the mean "
-                 f"loss over the first {cfg.eig_examples} training examples. Early layers: the first third of the "
-                 "layer groups; a random direction would put their parameter share there.")
+        c.append(criterion(f"{name}: top eigenvector's share in the first third of the layers / their parameter share",
+                           s["early_relative"], ">= 2", "paper (early layers); factor: choice",
+                           where=", ".join(f"{n} {r:.2f}" for n, r in zip(s["layer_names"], s["relative_shares"])),
+                           log=log))
+    closed = []
+    for seed in cfg.seeds:
+        losses = {name: runs[name, seed][2] for name in ("sgd", "adam", "split")}
+        gap = losses["sgd"] - losses["adam"]
+        closed.append((losses["sgd"] - losses["split"]) / gap if gap > 0 else math.nan)
+    mean = float(np.mean(closed))
+    half = 4.30 * np.std(closed, ddof=1) / math.sqrt(len(closed)) if len(closed) == 3 else math.nan
+    c.append(criterion("fraction of the SGD-to-Adam final-loss gap closed by split-update SGD (mean over seeds)", mean,
+                       ">= 0.5", "paper ('most of the gap'); 0.5: choice", where="per seed " +
+                       ", ".join(f"{v:.2f}" for v in closed) + f"; 95% t-interval {mean - half:.2f}..{mean + half:.2f}",
+                       log=log))
+    return c
 
-    # 6. figures
-    figures = []
+
+def optimizer_table(cfg, grids, grid, best, summary):
+    """The markdown table of the best runs and the grids."""
+    rows = ["| optimizer | best lr | train loss | test acc | oscillation / random | / loss-matched | "
+            "(preconditioned) sharpness / threshold, 2nd half | early-layer share / parameter share |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name in OPTIMIZERS:
+        s = summary[name]
+        rows.append(f"| {name} | {best[name]:g} | {s['train_loss']:.4f} | {s['test_accuracy']:.3f} | "
+                    f"{s['oscillation']['median_relative']:.2f} | {s['oscillation']['median_relative_matched']:.2f} | "
+                    f"{s['median_ratio']:.3f} | {s['early_relative']:.2f} |")
+    rows += ["", "| optimizer | grid: lr -> final train loss, test acc |", "|---|---|"]
+    rows += [f"| {name} | " + "; ".join(f"{lr:g} -> {loss:.3g}, {acc:.3f}" for lr, (loss, acc) in
+                                         zip(grids[name], grid[name])) + " |" for name in OPTIMIZERS]
+    return "\n".join(rows)
+
+
+def optimizer_figures(cfg, runs, summary, out):
+    """training_curves.png (losses; sharpness / threshold) and layer_shares.png (eigenvector, sign flips)."""
     fig, (ax_loss, ax_ratio) = plt.subplots(1, 2, figsize=(12, 4))
-    for name in OPTIMIZER_NAMES:
-        for row in grid_results[name]:
-            if row["lr"] != summary[name]["lr"] and len(row["curve"]):
-                ax_loss.plot(row["curve_step"], row["curve"], color=COLORS[name], lw=0.5, alpha=0.35)
-        history = measured[name]["history"]
-        ax_loss.plot(history["record_step"], history["per_example_loss"].mean(1), color=COLORS[name], lw=1.2,
-                     label=f"{name} lr={summary[name]['lr']:g}: {summary[name]['train_loss']:.3g}, "
-                           f"test acc {summary[name]['test_accuracy']:.3f}")
-        ax_ratio.plot(history["eig_step"], summary[name]["ratio"], "o-", ms=2.5, color=COLORS[name], lw=1,
-                      label=f"{name}: {'preconditioned ' if name in ('adam', 'split') else ''}sharpness / "
-                            f"{summary[name]['threshold']:.4g}")
-    ax_loss.set_yscale("log")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel(f"training loss (all {len(x)} examples)")
-    ax_loss.set_title("best step size of each grid (thin: the other grid points)", fontsize=9)
-    ax_loss.legend(fontsize=7)
+    for name in OPTIMIZERS:
+        s = summary[name]
+        ax_loss.plot(*s["curve"], color=COLORS[name], lw=1.2, label=f"{name}: {s['train_loss']:.3g}, "
+                     f"test acc {s['test_accuracy']:.3f}")
+        ax_ratio.plot(s["eig_step"], s["ratio"], "o-", ms=2.5, color=COLORS[name], lw=1, label=name)
+    ax_loss.set(yscale="log", xlabel="step", ylabel="training loss (all examples)")
     ax_ratio.axhline(1.0, ls="--", color="k", lw=0.8)
-    ax_ratio.set_xlabel("step")
-    ax_ratio.set_ylabel("sharpness / stability threshold")
-    ax_ratio.set_yscale("log")
-    ax_ratio.set_title("full-batch sharpness against each optimizer's threshold", fontsize=9)
-    ax_ratio.legend(fontsize=7)
+    ax_ratio.set(yscale="log", xlabel="step", ylabel="(preconditioned) sharpness / stability threshold")
+    for ax in (ax_loss, ax_ratio):
+        ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, out / "training_curves.png")
-    figures.append("training_curves.png")
-
-    fig, axes = plt.subplots(1, len(OPTIMIZER_NAMES), figsize=(14, 3.4), sharey=False)
-    for ax, name in zip(axes, OPTIMIZER_NAMES):
-        history, oscillation = measured[name]["history"], summary[name]["oscillation"]
-        losses = history["per_example_loss"].astype(np.float64)
-        if len(oscillation["record"]):
-            r = int(oscillation["record"][len(oscillation["record"]) // 2])
-            change = losses[r + 1] - losses[r]
-            chosen = np.argsort(-np.abs(change))[:cfg.top]
-            rest = np.setdiff1d(np.arange(losses.shape[1]), chosen)
-            control = np.random.default_rng(cfg.seed).choice(rest, size=cfg.top, replace=False)
-            span = slice(r, min(len(losses), r + 3 + cfg.window))
-            steps = history["record_step"][span]
-            for members, label, color in ((chosen[change[chosen] > 0], "went up", "C3"),
-                                          (chosen[change[chosen] <= 0], "went down", "C0"), (control, "random", "C7")):
-                ax.plot(steps, losses[span][:, members].mean(1), color=color, lw=1, label=f"{label} ({len(members)})")
-            ax.axvspan(history["record_step"][r], history["record_step"][r + 1], color="y", alpha=0.3)
-        ax.set_title(f"{name} lr={summary[name]['lr']:g}: {summary[name]['relative_amplitude']:.2f}x random, "
-                     f"{summary[name]['relative_matched']:.2f}x loss-matched\n"
-                     f"corr(up, down) {summary[name]['group_correlation']:.2f}", fontsize=8)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=6)
-    axes[0].set_ylabel("group mean loss")
-    fig.suptitle("opposing groups selected at the shaded interval (mid-training), then followed", fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, out / "group_oscillations.png")
-    figures.append("group_oscillations.png")
-
     fig, (ax_share, ax_flip) = plt.subplots(1, 2, figsize=(12, 3.8))
-    positions, width = np.arange(len(layer_names)), 0.8 / len(OPTIMIZER_NAMES)
-    for j, name in enumerate(OPTIMIZER_NAMES):
-        ax_share.bar(positions + (j - 1.5) * width, summary[name]["layer_shares"], width, color=COLORS[name],
+    names = summary["sgd"]["layer_names"]
+    positions, width = np.arange(len(names)), 0.8 / len(OPTIMIZERS)
+    for j, name in enumerate(OPTIMIZERS):
+        ax_share.bar(positions + (j - 1.5) * width, summary[name]["relative_shares"], width, color=COLORS[name],
                      label=name)
         ax_flip.bar(positions + (j - 1.5) * width, summary[name]["sign_flips"], width, color=COLORS[name], label=name)
-    ax_share.plot(positions, parameter_share, "k_", ms=18, mew=2, label="parameter share (random direction)")
-    for ax, label in ((ax_share, "share of top eigenvector's |v|²"), (ax_flip, "gradient sign flips per step")):
+    ax_share.axhline(1.0, color="k", lw=0.8, ls="--")
+    for ax, label in ((ax_share, "top eigenvector share / parameter share"), (ax_flip, "gradient sign flips per step")):
         ax.set_xticks(positions)
-        ax.set_xticklabels(layer_names, rotation=45, ha="right", fontsize=7)
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
-    ax_share.set_title("top Hessian eigenvector by layer (mean over measurements)", fontsize=9)
-    ax_flip.set_title("fraction of gradient coordinates flipping sign between steps", fontsize=9)
     fig.tight_layout()
     save_figure(fig, out / "layer_shares.png")
-    figures.append("layer_shares.png")
-
-    # 7. raw numbers
-    arrays = {"layer_names": np.asarray(layer_names), "parameter_share": parameter_share}
-    for name in OPTIMIZER_NAMES:
-        arrays[f"{name}_grid_lr"] = np.asarray([row["lr"] for row in grid_results[name]])
-        arrays[f"{name}_grid_train_loss"] = np.asarray([row["train_loss"] for row in grid_results[name]])
-        arrays[f"{name}_grid_test_accuracy"] = np.asarray([row["test_accuracy"] for row in grid_results[name]])
-        arrays[f"{name}_grid_max_sharpness_ratio"] = np.asarray([row["ratio"] for row in grid_results[name]])
-        history = measured[name]["history"]
-        for key in ("step", "loss", "grad_norm", "record_step", "eig_step", "eigenvalues", "sign_flip"):
-            arrays[f"{name}_{key}"] = history[key]
-        if "preconditioned_eigenvalues" in history:
-            arrays[f"{name}_preconditioned_eigenvalues"] = history["preconditioned_eigenvalues"]
-        arrays[f"{name}_per_example_loss"] = history["per_example_loss"].astype(np.float16)
-        arrays[f"{name}_layer_shares"] = np.asarray([s for s in history["callback"]])
-        arrays[f"{name}_sign_flip_rate"] = summary[name]["sign_flips"]
-        for key, value in summary[name]["oscillation"].items():
-            arrays[f"{name}_oscillation_{key}"] = np.asarray(value)
-    save_npz(out / "optimizers.npz", **arrays)
-    notes.append(f"Run time {time.time() - start_time:.0f} s on {device} with {torch.get_num_threads()} thread(s).")
-    log(f"  {notes[-1]}")
-    return {"criteria": criteria, "figures": figures, "notes": notes}
 
 
-# ----------------------------------------------------------------------------- benchmark
+# ----------------------------------------------------------------------------- timing and preflight
 
-def median_time(fn, repeats=5):
-    """Median wall time of fn() over `repeats` calls, after one warm-up call (seconds)."""
-    fn()
+def median_time(fn, device, repeats=3):
+    """Median wall time of fn() over `repeats` calls after one warm-up call, in seconds; on a GPU the
+    clock stops only when the device has finished (torch.cuda.synchronize), not when kernels are queued."""
+    def synchronized():
+        fn()
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    synchronized()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        synchronized()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
 
-class _Reached(Exception):
+def unit_costs(model, loss_fn, x, y, device):
+    """Seconds for one gradient and one Hessian-vector product (graph reused, as in `top_eigenvalues`) of the
+    mean loss over (x, y), and for one per-example gradient."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    t_grad = median_time(lambda: torch.autograd.grad(loss_fn(model(x), y).mean(), params), device)
+    grads = torch.autograd.grad(loss_fn(model(x), y).mean(), params, create_graph=True)
+    directions = [torch.randn_like(p) for p in params]
+    t_hvp = median_time(lambda: torch.autograd.grad(grads, params, grad_outputs=directions, retain_graph=True), device)
+    t_example = median_time(lambda: osig.per_example_grads(model, loss_fn, x[:8], y[:8]), device) / 8
+    return t_grad, t_hvp, t_example
+
+
+# Lanczos products per sharpness call, warm-started (k = 1 and k > 1); calibrated on the CPU profile
+PRODUCTS = {1: 12, "k": 30}
+
+
+def predict_seconds(cfg, device):
+    """Predicted wall time of one experiment on `device`, from the measured cost of a gradient and a Hessian-
+    vector product of its own model at a small batch, scaled linearly in the number of examples."""
+    if isinstance(cfg, LinearConfig):      # float64 toys on one thread, per step: calibrated on the CPU profile
+        return (cfg.large_steps * 2 + cfg.small_steps) * 2.3e-3
+    if isinstance(cfg, ToyConfig):
+        return 2 * cfg.steps * 3.7e-3
+    loss_fn, n_probe = LOSSES[cfg.loss], 64
+    model = build_model(cfg, (3, 32, 32), 0).to(device)
+    x, y = torch.randn(n_probe, 3, 32, 32, device=device), torch.arange(n_probe, device=device) % 10
+    t_grad, t_hvp, t_example = (t / n_probe if i < 2 else t for i, t in enumerate(unit_costs(model, loss_fn, x, y, device)))
+    if isinstance(cfg, ImagesConfig):
+        products = PRODUCTS[1] if cfg.eig_k == 1 else PRODUCTS["k"]
+        calls = cfg.steps / cfg.eig_every
+        per_call = products * t_hvp * cfg.n_train + 3 * t_grad * cfg.n_train + 2 * cfg.top * t_example
+        return len(cfg.seeds) * (cfg.steps * t_grad * cfg.n_train + calls * per_call)
+    runs = sum(len(lrs) for lrs in (cfg.sgd_lrs, cfg.adam_lrs, cfg.clip_lrs, cfg.split_lrs))
+    grid = runs * cfg.steps * (t_grad * cfg.batch_size + t_grad / 3 * cfg.n_train / cfg.curve_every)
+    measured = 3 * len(cfg.seeds) + 1
+    per_run = cfg.steps * (t_grad * cfg.batch_size + t_grad / 3 * cfg.n_train / cfg.record_every) + \
+        cfg.steps / cfg.eig_every * 2 * PRODUCTS[1] * t_hvp * cfg.eig_examples
+    return grid + measured * per_run
+
+
+def constant_loss(labels, loss):
+    """Loss of the best input-independent prediction: for one-hot MSE 0.5·(1 - Σ_c p_c²), for cross-entropy
+    the entropy -Σ_c p_c log p_c, with p the label frequencies. A network that learns must beat it."""
+    p = np.bincount(np.asarray(labels), minlength=10) / len(labels)
+    return float(0.5 * (1 - (p ** 2).sum())) if loss == "mse" else float(-(p[p > 0] * np.log(p[p > 0])).sum())
+
+
+def preflight(name, cfg, device, n=32, steps=100, log=print):
+    """A dead configuration, caught in seconds on any device: full-batch steps of the experiment's own model,
+    loss and step size on n CIFAR-10 images (planted ones without it). It passes when the final loss is at
+    most 0.8 x the best constant prediction's (`constant_loss`) and the sharpness at the end is at least
+    1.5x its value at step 0 (both targets our choice). Optimizer studies are checked with SGD and Adam at the
+    middle of their grids. Returns a list of (label, passed, message)."""
+    try:
+        images, labels, _ = load_images(cfg.data, n, 0)
+    except osig.DataError:
+        images, labels, _ = load_images("planted", n, 0)
+    x, y = osig.normalize(images)[0].to(device), labels.to(device)
+    settings = [("gd", cfg.lr)] if isinstance(cfg, ImagesConfig) else \
+        [("sgd", cfg.sgd_lrs[len(cfg.sgd_lrs) // 2]), ("adam", cfg.adam_lrs[len(cfg.adam_lrs) // 2])]
+    results = []
+    for optimizer_name, lr in settings:
+        model, loss_fn = build_model(cfg, x.shape[1:], 0).to(device), LOSSES[cfg.loss]
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr) if optimizer_name == "gd" else \
+            make_optimizer(optimizer_name, model, lr, cfg)
+        start = time.time()
+        history = osig.train(model, x, y, loss_fn, optimizer, steps, measure=osig.sharpness_measure(
+            loss_fn, x, y, every=steps // 4, iters=30), log=None)
+        sharpness = osig.measured(history, "eigenvalues")[1][:, 0]
+        baseline, final = constant_loss(labels, cfg.loss), history["loss"][-1]
+        rise = sharpness[-1] / sharpness[0] if len(sharpness) > 1 and sharpness[0] > 0 else math.nan
+        passed = history["diverged"] is None and final <= 0.8 * baseline and rise >= 1.5
+        message = (f"{name} ({cfg.model}, {cfg.loss}, {optimizer_name} lr {lr:g}, {n} images, {steps} steps, "
+                   f"{time.time() - start:.0f}s): loss {history['loss'][0]:.3f} -> {final:.3f} (constant predictor "
+                   f"{baseline:.3f}), sharpness {sharpness[0]:.3g} -> {sharpness[-1]:.3g} (x{rise:.2f})"
+                   + ("" if passed else " -- FAILS: " + (history["diverged"] or ("the loss does not fall below 0.8 x "
+                      "the constant predictor's: the network does not learn at this init and lr"
+                      if final > 0.8 * baseline else "the sharpness does not rise 1.5x: no progressive sharpening"))))
+        log(("  preflight ok   | " if passed else "  preflight FAIL | ") + message)
+        results.append((f"{name}/{optimizer_name}", passed, message))
+    return results
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+class Reached(Exception):
     """Raised inside a matvec to stop an eigensolver once the benchmark's accuracy is reached."""
 
 
-def products_to_accuracy(matvec, dim, method, reference, accuracy=1e-4, budget=300, device="cpu", dtype=torch.float32):
-    """Matrix-vector products `method` needs before its top-eigenvalue estimate is within
-    `accuracy` (relative) of `reference`, or None within `budget`. The estimate after m products
-    is, for Lanczos, the top eigenvalue of Qₘᵀ A Qₘ (its basis is orthonormal, so this is its
-    Ritz value) and, for power iteration, the Rayleigh quotient vₘ·A vₘ."""
+def products_to_accuracy(matvec, dim, method, reference, accuracy=1e-4, budget=300, device="cpu"):
+    """Products `method` ("lanczos" or "power") needs before its top-eigenvalue estimate is within `accuracy`
+    (relative) of `reference`, or None within `budget`. The estimate after m products is, for Lanczos, the
+    top eigenvalue of Qₘᵀ A Qₘ (its Ritz value) and, for power iteration, the Rayleigh quotient vₘ·A vₘ."""
     inputs, outputs = [], []
 
     def recording(v):
@@ -1140,69 +1198,54 @@ def products_to_accuracy(matvec, dim, method, reference, accuracy=1e-4, budget=3
         inputs.append(v.double())
         outputs.append(w.double())
         if method == "lanczos":
-            Q, W = torch.stack(inputs), torch.stack(outputs)
-            projected = (Q @ W.T).cpu().numpy()
+            projected = (torch.stack(inputs) @ torch.stack(outputs).T).cpu().numpy()
             estimate = np.linalg.eigvalsh((projected + projected.T) / 2)[-1]
         else:
             estimate = float(inputs[-1] @ outputs[-1])
         if abs(estimate - reference) <= accuracy * abs(reference):
-            raise _Reached
+            raise Reached
         return w
 
+    solver = osig.lanczos if method == "lanczos" else osig.power_iteration
     try:
-        if method == "lanczos":
-            osig.lanczos(recording, dim, k=1, iters=budget, tol=0.0, dtype=dtype, device=device)
-        else:
-            osig.power_iteration(recording, dim, iters=budget, tol=0.0, dtype=dtype, device=device)
-    except _Reached:
+        solver(recording, dim, iters=budget, tol=0.0, dtype=torch.float32, device=device)
+    except Reached:
         return len(inputs)
     return None
 
 
 def run_bench(out, device, log=print):
-    """Speed table: HVP vs gradient cost, Lanczos vs power iteration, vmap vs loop per-example grads."""
+    """Speed table: HVP vs gradient cost, Lanczos vs power iteration, vmap vs loop per-example gradients on the
+    MLP and small CNN; gradient and HVP times of the GPU profile's networks (VGG-11, ResNet-18, ViT)."""
+    gpu = str(device).startswith("cuda")
     try:
         images, labels = osig.load_cifar10(train=True)
-        index = osig.seeded_subset(len(images), 500)
-        images, labels, data = images[index], labels[index], "CIFAR-10"
-    except (FileNotFoundError, ValueError):
-        images, labels, _ = osig.make_planted_images(n=500)
+        data = "CIFAR-10"
+    except osig.DataError:
+        images, labels, _ = osig.make_planted_images(n=1250)
         data = "planted synthetic images (CIFAR-10 not found)"
-    x, _, _ = osig.normalize(images)
-    x, y = x.to(device), labels.to(device)
-    torch.manual_seed(0)
-    models = {"MLP 3072-200-200-10": osig.MLP().to(device), "SmallCNN (32-64 ch)": osig.SmallCNN().to(device)}
+    x, _, _ = osig.normalize(images[:1250])
+    x, y = x.to(device), labels[:1250].to(device)
     rows = []
-    log(f"benchmark on {device}, {torch.get_num_threads()} threads, n = {len(x)} {data}")
-    for name, model in models.items():
-        params = [p for p in model.parameters()]
+    log(f"benchmark on {device}, {torch.get_num_threads()} threads, {data}")
+    torch.manual_seed(0)
+    for name, model in (("MLP 3072-200-200-10", osig.MLP()), ("SmallCNN (32-64 ch)", osig.SmallCNN())):
+        model, xs, ys = model.to(device), x[:500], y[:500]
+        params = list(model.parameters())
         dim = sum(p.numel() for p in params)
-        v = torch.randn(dim, device=device)
-
-        def gradient():
-            torch.autograd.grad(osig.mse_loss(model(x), y).mean(), params)
-
-        def fresh_hvp():
-            osig.hvp(model, osig.mse_loss, x, y, v)
-
-        grads = torch.autograd.grad(osig.mse_loss(model(x), y).mean(), params, create_graph=True)
-        directions = [d.view_as(p) for d, p in zip(torch.split(v, [p.numel() for p in params]), params)]
-
-        def reused_hvp():
-            torch.autograd.grad(grads, params, grad_outputs=directions, retain_graph=True)
-
-        t_grad, t_fresh, t_reused = median_time(gradient), median_time(fresh_hvp), median_time(reused_hvp)
-        rows.append((name, "one HVP / one gradient (hvp: forward + backward + double backward)",
+        t_grad, t_reused, _ = unit_costs(model, osig.mse_loss, xs, ys, device)
+        t_fresh = median_time(lambda: osig.hvp(model, osig.mse_loss, xs, ys, torch.randn(dim, device=device)), device)
+        rows.append((name, "one HVP / one gradient (hvp: forward + backward + double backward), n = 500",
                      f"{t_fresh / t_grad:.2f}x", "<= 3x", t_fresh / t_grad <= 3))
-        rows.append((name, "one HVP / one gradient (top_eigenvalues: graph built once, reused)",
+        rows.append((name, "one HVP / one gradient (top_eigenvalues: graph built once, reused), n = 500",
                      f"{t_reused / t_grad:.2f}x", "<= 3x", t_reused / t_grad <= 3))
+        grads = torch.autograd.grad(osig.mse_loss(model(xs), ys).mean(), params, create_graph=True)
 
         def matvec(u):
             return torch.cat([h.reshape(-1) for h in torch.autograd.grad(
-                grads, params, grad_outputs=[d.view_as(p) for d, p in zip(torch.split(u, [p.numel() for p in params]),
-                                                                           params)], retain_graph=True)])
+                grads, params, grad_outputs=osig.unflatten(u, params), retain_graph=True)])
 
-        reference = float(osig.lanczos(matvec, dim, k=1, iters=300, tol=1e-6, seed=1, dtype=torch.float32,
+        reference = float(osig.lanczos(matvec, dim, iters=300, tol=1e-6, seed=1, dtype=torch.float32,
                                        device=device)[0][0])
         m_lanczos = products_to_accuracy(matvec, dim, "lanczos", reference, device=device)
         m_power = products_to_accuracy(matvec, dim, "power", reference, budget=500, device=device)
@@ -1210,178 +1253,206 @@ def run_bench(out, device, log=print):
         rows.append((name, f"HVPs to 1e-4 relative accuracy on the top eigenvalue ({reference:.3f}): Lanczos",
                      str(m_lanczos), "<= 30", m_lanczos is not None and m_lanczos <= 30))
         rows.append((name, "same, power iteration (and its ratio to Lanczos)",
-                     f"{m_power if m_power else '>500'} ({ratio:.1f}x)", ">= 3x Lanczos", ratio >= 3))
-        batch_x, batch_y = x[:256], y[:256]
-
-        def vmapped():
-            osig.per_example_grads(model, osig.mse_loss, batch_x, batch_y, chunk=256)
-
-        def looped():  # the same [256, P] matrix, one example at a time
-            rows = []
-            for i in range(len(batch_x)):
-                grads_i = torch.autograd.grad(osig.mse_loss(model(batch_x[i:i + 1]), batch_y[i:i + 1]).sum(), params)
-                rows.append(torch.cat([g.reshape(-1) for g in grads_i]))
-            return torch.stack(rows)
-
-        t_vmap, t_loop = median_time(vmapped, 3), median_time(looped, 3)
+                     f"{m_power or '>500'} ({ratio:.1f}x)", ">= 3x Lanczos", ratio >= 3))
+        t_vmap = median_time(lambda: osig.per_example_grads(model, osig.mse_loss, xs[:256], ys[:256]), device)
+        t_loop = median_time(lambda: [torch.autograd.grad(osig.mse_loss(model(xs[i:i + 1]), ys[i:i + 1]).sum(), params)
+                                      for i in range(256)], device)
         rows.append((name, "per-example gradients, batch 256: loop time / vmap time",
                      f"{t_loop / t_vmap:.1f}x ({1e3 * t_vmap:.0f} ms vs {1e3 * t_loop:.0f} ms)", ">= 10x",
                      t_loop / t_vmap >= 10))
-        log(f"  {name}: gradient {1e3 * t_grad:.1f} ms, HVP {1e3 * t_fresh:.1f} ms fresh / {1e3 * t_reused:.1f} ms "
-            f"reused, Lanczos {m_lanczos} vs power {m_power} products, per-example grads vmap "
-            f"{1e3 * t_vmap:.0f} ms vs loop {1e3 * t_loop:.0f} ms")
+    n = 1250 if gpu else 64
+    for name, model in (("VGG-11 (width 64)", osig.VGG11(10, 64)), ("ResNet-18 (width 64, no BN)",
+                        osig.ResNet18(10, 64, batch_norm=False)), ("ViT (dim 128, depth 4)", osig.ViT(10))):
+        t_grad, t_reused, _ = unit_costs(model.to(device), osig.mse_loss, x[:n], y[:n], device)
+        rows.append((name, f"one gradient, n = {n}", f"{1e3 * t_grad:.1f} ms", "-", True))
+        rows.append((name, f"one HVP (reused graph) / one gradient, n = {n}", f"{t_reused / t_grad:.2f}x", "<= 3x",
+                     t_reused / t_grad <= 3))
     table = ["| model | measurement | value | target | met |", "|---|---|---|---|---|"]
     table += [f"| {m} | {what} | {value} | {target} | {'yes' if met else 'no'} |" for m, what, value, target, met in rows]
-    text = (f"Benchmark on {device} ({torch.get_num_threads()} threads, torch {torch.__version__}), "
-            f"n = {len(x)} {data}, MSE loss.\n\n" + "\n".join(table) + "\n")
+    text = (f"Benchmark on {device} ({torch.get_num_threads()} threads, torch {torch.__version__}), {data}, MSE loss; "
+            "times are medians of 3 after a warm-up" + (", CUDA-synchronized" if gpu else "") + ".\n\n"
+            + "\n".join(table) + "\n")
     atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(text))
-    save_json(out / "bench.json", [dict(zip(("model", "measurement", "value", "target", "met"), r)) for r in rows])
     log("\n" + text)
     return rows
 
 
 # ----------------------------------------------------------------------------- report
 
-def write_report(out, records, profile, device):
-    """results/report.md: a summary table, then per experiment its figures, criteria and notes."""
-    def escape(text):  # a | inside a table cell would end the cell
-        return text.replace("|", "\\|")
+RUN = {LinearConfig: run_linear, ToyConfig: run_toy, ImagesConfig: run_images, OptimizersConfig: run_optimizers}
+SOURCES = ("Targets: **paper** where the paper's claim fixes the criterion (its direction, and its size where the "
+           "paper states one), **choice** where the size is ours, fixed before the runs, **calibration** where it "
+           "comes from a calibration run named next to it. A nan value (the run gave nothing to measure, e.g. it "
+           "never reached the edge of stability) is never met.")
 
+
+def escape(text):
+    """Text for a markdown table cell: a | would end the cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def write_report(out, records, profile, device):
+    """report.md: a summary table (status, criteria met, predicted and actual time), then per experiment its
+    config, summary, figures, criteria with target and source, per-seed values and notes."""
     lines = ["# osig: measured reproduction report", "",
-             f"Profile `{profile}` on `{device}`, torch {torch.__version__}, written "
-             f"{time.strftime('%Y-%m-%d %H:%M')}. Each criterion is a statistic over the run, measured "
-             "by run_all.py; targets come from the issues, not from these runs.", "",
-             "| experiment | status | criteria met | time |", "|---|---|---|---|"]
+             f"Profile `{profile}` on `{device}`, torch {torch.__version__}, written {time.strftime('%Y-%m-%d %H:%M')}.",
+             "", SOURCES, "", "| experiment | status | criteria met | predicted time | actual time |", "|---|---|---|---|---|"]
     for name, record in records.items():
         met = [c["met"] for c in record.get("criteria", [])]
         lines.append(f"| [{name}](#{name}) | {record['status']} | {sum(met)}/{len(met)} | "
-                     f"{record.get('seconds', 0):.0f} s |")
+                     f"{record.get('predicted', math.nan):.0f} s | {record.get('seconds', math.nan):.0f} s |")
     for name, record in records.items():
         lines += ["", f"## {name}", "", record.get("title", ""), ""]
         if record["status"] != "done":
             lines += [f"**{record['status']}**: {record.get('reason', '')}", ""]
             continue
-        lines += ["<details><summary>config</summary>", "", "```", json.dumps(record["config"], indent=1), "```",
-                  "", "</details>", ""]
-        if record.get("summary"):
-            lines += [record["summary"], ""]
+        lines += ["<details><summary>config</summary>", "", "```", json.dumps(record["config"], indent=1), "```", "",
+                  "</details>", ""]
+        lines += [record["summary"], ""] if record.get("summary") else []
         lines += [f"![{figure}]({name}/{figure})" for figure in record["figures"]]
-        lines += ["", "| criterion | measured | target | met |", "|---|---|---|---|"]
-        lines += [f"| {escape(c['name'])} | {c['value']:.4g} | {escape(c['target'])} | {'yes' if c['met'] else '**no**'} |"
-                  for c in record["criteria"]]
-        lines += [""] + [f"- {note}" for note in record.get("notes", [])]
+        lines += ["", "| criterion | measured | target | source | met | context |", "|---|---|---|---|---|---|"]
+        lines += [f"| {escape(c['name'])} | {c['value']:.4g} | {escape(c['target'])} | {escape(c['source'])} | "
+                  f"{'yes' if c['met'] else '**no**'} | {escape(c.get('where', ''))} |" for c in record["criteria"]]
+        if record.get("per_seed"):
+            seeds = record["per_seed"]["seeds"]
+            lines += ["", "Per seed:", "", "| criterion | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                      "|---|" + "---|" * len(seeds)]
+            lines += [f"| {escape(row)} | " + " | ".join(f"{v:.3g}{'' if m else ' (no)'}" for v, m in zip(values, met))
+                      + " |" for row, values, met in record["per_seed"]["rows"]]
+        lines += [""] + [f"- {note}" if "\n" not in note else note for note in record.get("notes", [])]
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 
 # ----------------------------------------------------------------------------- main
 
-def experiment_plan(profile, data):
-    """(name, title, config, run function, needs CIFAR-10) for every experiment of a profile."""
-    if profile == "smoke":
-        # seconds-long runs that sit at the edge of stability throughout (later the planted
-        # groups are fit and their oscillation dies out)
-        mse = OpposingConfig(name="cifar_mse", data=data, n_train=400, width=64, lr=0.15, steps=150,
-                             eig_every=10, eig_k=4, top=10, eos_by=150)
-        ce = OpposingConfig(name="cifar_ce", data=data, n_train=400, width=64, activation="tanh", loss="ce",
-                            lr=0.3, steps=150, eig_every=10, eig_k=1, top=10, eos_by=150)
-    elif profile == "gpu":
-        mse = OpposingConfig(name="cifar_mse", data=data, n_train=5000, model="vgg11", width=64, lr=0.05,
-                             steps=3000, eig_every=25, eig_k=8, chunk=1250, eos_by=2000)
-        ce = OpposingConfig(name="cifar_ce", data=data, n_train=5000, model="vit", width=128, depth=4, loss="ce",
-                            lr=0.05, steps=2000, eig_every=25, eig_k=1, chunk=1250, eos_by=1500)
-    else:
-        mse = OpposingConfig(name="cifar_mse", data=data)
-        ce = OpposingConfig(name="cifar_ce", data=data, activation="tanh", loss="ce", lr=0.05, steps=700,
-                            eig_k=1, eos_by=500)
-    linear, toy, optimizers = LinearConfig(), ToyConfig(), [OptimizersConfig()]
-    # the cross-entropy toy: the outliers' curvature p(1 - p) can vanish once |x_0| is used
-    toy_ce = ToyConfig(name="toy_ce", loss="ce", offset=0.75, hidden_bias=0.3, lr=0.2)
-    if profile == "smoke":
-        linear, toy = LinearConfig(large_steps=400, small_steps=1000), ToyConfig(steps=600)
-        toy_ce = dataclasses.replace(toy_ce, steps=600)
-        optimizers = [OPTIMIZERS_SMOKE]
-    elif profile == "gpu":
-        optimizers = [OPTIMIZERS_GPU_VIT, OPTIMIZERS_GPU_RESNET18]
-    optimizers = [dataclasses.replace(cfg, data=data) for cfg in optimizers]
-    return [
-        ("linear", "The mechanism in a two-layer linear network: sharpness in closed form, edge of stability, "
-                   "self-stabilization, and a control.", linear, lambda cfg, out, device: run_linear(cfg, out), False),
-        ("toy", "The mechanism in a small ReLU network on a rare, large input: sharpening, anti-phase group losses, "
-                "a flipping probe, and a control.", toy, lambda cfg, out, device: run_toy(cfg, out), False),
-        ("toy_ce", "The same toy classified with cross-entropy: the outliers' curvature vanishes once the network "
-                   "uses |x_0|, so the sharpness falls.", toy_ce, lambda cfg, out, device: run_toy(cfg, out), False),
-        ("cifar_mse", "Issue 3 phenomena, MSE: edge of stability, heavy-tailed loss changes, opposing groups, "
-                      "the sky feature and its probe.", mse, run_opposing, data == "cifar10"),
-        ("cifar_ce", "Issue 3 phenomena, cross-entropy: the gradient pairing of the opposing groups.",
-         ce, run_opposing, data == "cifar10"),
-    ] + [(cfg.name, f"Adam versus SGD ({cfg.model}): SGD with momentum, Adam, clipped SGD and split-update SGD at "
-                    "their best step sizes; opposing-group oscillations, (preconditioned) sharpness against each "
-                    "threshold, and where the top Hessian eigenvector lives.", cfg, run_optimizers, data == "cifar10")
-         for cfg in optimizers]
+def result_key(config, device):
+    """What a saved result must match to be reused: the config, the code of osig.py and run_all.py, the torch
+    version and the device."""
+    code = b"".join(Path(module).read_bytes() for module in (osig.__file__, __file__))
+    return hashlib.sha256(code + json.dumps([config, torch.__version__, str(device)]).encode()).hexdigest()[:16]
 
 
-def main(argv=None):
+def saved_record(path, key):
+    """The record saved at `path` when it is readable and was made with `key`; else None (with a warning when
+    the file exists but is damaged)."""
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        return record if isinstance(record, dict) and record.get("key") == key and "status" in record else None
+    except (OSError, ValueError) as error:
+        print(f"  warning: {path} is unreadable ({error}); it will be recomputed")
+        return None
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=["cpu", "gpu", "smoke"],
-                        help="scale: gpu (full), cpu (laptop, default without CUDA), smoke (seconds, for tests)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), help="scale: gpu (full; default with CUDA), cpu "
+                        "(laptop; default otherwise), smoke (seconds, synthetic images, for tests)")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
     parser.add_argument("--only", action="append", metavar="NAME", help="run only this experiment (repeatable)")
     parser.add_argument("--out", default="results", help="results folder (default: results)")
-    parser.add_argument("--seed", type=int, help="override every experiment's seed")
+    parser.add_argument("--seed", type=int, help="run every experiment on this one seed (>= 0)")
     parser.add_argument("--data", choices=["cifar10", "planted"],
-                        help="images for the cifar experiments (default: cifar10; planted for the smoke profile)")
+                        help="images for the image experiments (default: cifar10; planted for the smoke profile)")
     parser.add_argument("--force", action="store_true", help="recompute experiments whose results exist")
+    parser.add_argument("--preflight", action="store_true", help="only check each image experiment's setting: "
+                        "100 full-batch steps on 32 images must lower the loss and raise the sharpness")
     parser.add_argument("--bench", action="store_true", help="run the speed benchmark instead")
     args = parser.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.seed is not None and args.seed < 0:
+        parser.error(f"--seed {args.seed}: seeds must be >= 0")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        torch.empty(1, device=device)
+        torch.empty(1, device=args.device)
     except (RuntimeError, AssertionError) as error:
-        parser.error(f"--device {device} is not usable here ({str(error).splitlines()[0]}); try --device cpu")
-    profile = args.profile or ("gpu" if device.startswith("cuda") else "cpu")
+        reason = str(error).splitlines()[0].split(" with arguments from")[0][:150]
+        parser.error(f"--device {args.device} is not usable here ({reason}); try --device cpu")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file: give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        parser.error(f"--out {out} is not writable ({error.strerror}): give a folder you can write to")
+    args.profile = args.profile or ("gpu" if args.device.startswith("cuda") else "cpu")
+    args.data = args.data or ("planted" if args.profile == "smoke" else "cifar10")
+    unknown = sorted(set(args.only or []) - set(PROFILES[args.profile]))
+    if unknown:
+        parser.error(f"unknown experiment {', '.join(unknown)}: choose from {', '.join(PROFILES[args.profile])}")
+    return args
+
+
+def plan(args):
+    """name -> config of every experiment in the profile, with the command line's data and seed applied."""
+    configs = {}
+    for name, cfg in PROFILES[args.profile].items():
+        if hasattr(cfg, "data"):
+            cfg = dataclasses.replace(cfg, data=args.data)
+        if args.seed is not None:
+            cfg = dataclasses.replace(cfg, **({"seeds": (args.seed,)} if hasattr(cfg, "seeds") else {"seed": args.seed}))
+        configs[name] = cfg
+    return configs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out, device, configs = Path(args.out), args.device, plan(args)
     if args.bench:
         run_bench(out, device)
         return 0
-    plan = experiment_plan(profile, args.data or ("planted" if profile == "smoke" else "cifar10"))
-    names = [name for name, *_ in plan]
-    unknown = sorted(set(args.only or []) - set(names))
-    if unknown:
-        parser.error(f"unknown experiment {', '.join(unknown)}: choose from {', '.join(names)}")
-    records, failures = {}, 0
-    for name, title, cfg, run, needs_cifar in plan:
+    if args.preflight:
+        checks = [check for name, cfg in configs.items() if isinstance(cfg, (ImagesConfig, OptimizersConfig))
+                  and (not args.only or name in args.only) for check in preflight(name, cfg, device)]
+        failed = [message for _, passed, message in checks if not passed]
+        print(f"\npreflight: {len(checks) - len(failed)}/{len(checks)} passed" + "".join(f"\n  {m}" for m in failed))
+        return 1 if failed else 0
+    hint = f"python run_all.py --profile {args.profile} --out {args.out} --data {args.data}"
+    keys = {name: result_key(json.loads(json.dumps(dataclasses.asdict(cfg))), device) for name, cfg in configs.items()}
+    todo = []
+    for name in configs:
         if args.only and name not in args.only:
             continue
-        if args.seed is not None:
-            cfg = dataclasses.replace(cfg, seed=args.seed)
-        config = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as it reads back from result.json
-        print(f"\n=== {name}: {title}\n{cfg}")
-        saved = out / name / "result.json"
-        if saved.exists() and not args.force:
-            record = json.loads(saved.read_text())
-            if record.get("config") == config and record.get("status") == "done":
-                print(f"  reusing {saved} (finished earlier; --force recomputes)")
-                records[name] = record
-                continue
-        start = time.time()
+        if not args.force and (saved_record(out / name / "result.json", keys[name]) or {}).get("status") == "done":
+            print(f"reusing {name}: finished earlier with the same config and code (--force recomputes it)")
+            continue
+        todo.append(name)
+    predicted = {name: predict_seconds(configs[name], device) for name in todo}
+    print(f"profile {args.profile} on {device}: predicted time " + ", ".join(f"{n} {s:.0f}s" for n, s in predicted.items())
+          + f"; total {sum(predicted.values()) / 60:.1f} min")
+    failures, start = 0, time.time()
+    for i, name in enumerate(todo):
+        cfg, title = configs[name], type(configs[name]).__doc__.split("\n")[0]
+        config = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        left = sum(predicted[n] for n in todo[i:])
+        print(f"\n=== {name} ({i + 1}/{len(todo)}; predicted {predicted[name]:.0f}s, about {left / 60:.1f} min left "
+              f"in all)\n{cfg}")
+        began = time.time()
+        record = {"title": title, "config": config, "key": keys[name], "predicted": predicted[name]}
         try:
-            result = run(cfg, out / name, device)
-            record = dict(result, status="done", title=title, config=config, seconds=time.time() - start)
-            save_json(saved, record)
-        except (FileNotFoundError, ValueError) as error:
-            if not needs_cifar:
-                raise
-            reason = f"{error} (then rerun: python run_all.py --only {name})"
-            print(f"  skipped {name}: {reason}")
-            record = {"status": "skipped", "title": title, "reason": reason}
-        except Exception as error:  # one broken experiment must not lose the others
+            (out / name).mkdir(parents=True, exist_ok=True)
+            record.update(RUN[type(cfg)](cfg, out / name, device), status="done", seconds=time.time() - began)
+        except osig.DataError as error:
+            record.update(status="skipped", reason=f"{error} (then rerun: {hint} --only {name})")
+            print(f"  skipped {name}: {record['reason']}")
+        except Exception as error:         # one broken experiment must not lose the others
+            import traceback
+            traceback.print_exc()
             failures += 1
-            print(f"  FAILED {name}: {type(error).__name__}: {error}")
-            record = {"status": "failed", "title": title, "reason": f"{type(error).__name__}: {error}"}
-        records[name] = record
-        write_report(out, records, profile, device)
-    write_report(out, records, profile, device)
+            record.update(status="failed", reason=f"{type(error).__name__}: {error} (rerun: {hint} --only {name})")
+            print(f"  FAILED {name}: {record['reason']}")
+        save_json(out / name / "result.json", record)
+        records = {n: saved_record(out / n / "result.json", keys[n]) or {"status": "not run", "title": "",
+                   "reason": f"no result for this config and code yet: {hint} --only {n}"} for n in configs}
+        write_report(out, records, args.profile, device)
+        print(f"  {name}: {record['status']} in {time.time() - began:.0f}s (predicted {predicted[name]:.0f}s); "
+              f"{(time.time() - start) / 60:.1f} min so far")
+    records = {n: saved_record(out / n / "result.json", keys[n]) or {"status": "not run", "title": "",
+               "reason": f"no result for this config and code yet: {hint} --only {n}"} for n in configs}
+    write_report(out, records, args.profile, device)
     print(f"\nreport: {out / 'report.md'}")
     return 1 if failures else 0
 

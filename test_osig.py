@@ -7,6 +7,7 @@ import io
 import math
 import os
 import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -19,8 +20,7 @@ from torch.func import functional_call, hessian
 import osig
 from osig import (TwoLayerLinear, consecutive_sign_changes, group_gradients, make_opposing_signal_data,
                   make_toy_network, odd_even_parts, opposing_curvature, opposing_probes, opposing_rayleigh_quotient,
-                  opposing_weight, oscillation_episode, period_two_fraction, predicted_sharpness, regression_loss,
-                  sign_change_fraction)
+                  opposing_weight, oscillation_episode, period_two_fraction, predicted_sharpness, regression_loss)
 
 torch.set_num_threads(2)
 
@@ -190,9 +190,6 @@ def test_per_example_grads_match_explicit_loop():
         osig.cross_entropy_loss(model(x[i:i + 1]), y[i:i + 1]).sum().backward()
         reference = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         assert torch.linalg.norm(grads[i] - reference) / torch.linalg.norm(reference) < 1e-10
-    directions = torch.randn(grads.shape[1], 2, dtype=torch.float64)
-    projections = osig.per_example_directional_derivatives(model, osig.cross_entropy_loss, x, y, directions, chunk=3)
-    assert torch.allclose(projections, grads @ directions, rtol=1e-10, atol=1e-12)
     losses = osig.per_example_losses(model, osig.cross_entropy_loss, x, y, chunk=2)
     assert torch.allclose(losses, F.cross_entropy(model(x), y, reduction="none"))
 
@@ -212,13 +209,17 @@ def small_problem(dtype=torch.float64, n=24):
     return model, x, y
 
 
+def gd(model, lr=0.1):
+    return torch.optim.SGD(model.parameters(), lr=lr)
+
+
 def test_chunked_gd_step_equals_unchunked():
     model, x, y = small_problem()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    whole = osig.train(model, x, y, osig.mse_loss, optimizer="gd", lr=0.1, steps=3, eig_every=0, log_every=0)
+    whole = osig.train(model, x, y, osig.mse_loss, gd(model), 3, log=None)
     after_whole = flat_params(model)
     model.load_state_dict(state)
-    chunked = osig.train(model, x, y, osig.mse_loss, optimizer="gd", lr=0.1, steps=3, chunk=5, eig_every=0, log_every=0)
+    chunked = osig.train(model, x, y, osig.mse_loss, gd(model), 3, chunk=5, log=None)
     assert torch.allclose(flat_params(model), after_whole, rtol=0, atol=1e-13)
     assert np.allclose(whole["per_example_loss"], chunked["per_example_loss"], rtol=0, atol=1e-6)
     # and the first step is exactly theta - lr * (reference gradient of the mean loss)
@@ -226,50 +227,99 @@ def test_chunked_gd_step_equals_unchunked():
     model.zero_grad()
     osig.mse_loss(model(x), y).mean().backward()
     expected = flat_params(model) - 0.1 * torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-    osig.train(model, x, y, osig.mse_loss, optimizer="gd", lr=0.1, steps=1, chunk=7, eig_every=0, log_every=0)
+    osig.train(model, x, y, osig.mse_loss, gd(model), 1, chunk=7, log=None)
     assert torch.allclose(flat_params(model), expected, rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("optimizer", ["gd", "sgd", "adam"])
-def test_seeded_runs_are_identical(optimizer):
+@pytest.mark.parametrize("name", ["gd", "sgd", "adam"])
+def test_seeded_runs_are_identical(name):
     runs = []
     for _ in range(2):
         model, x, y = small_problem(torch.float32)
-        runs.append(osig.train(model, x, y, osig.cross_entropy_loss, optimizer=optimizer, lr=0.05, steps=12,
-                               batch_size=8, eig_every=5, record_every=4, probes=x[:2], log_every=0, seed=3))
-    for key in ("loss", "per_example_loss", "eigenvalues", "probe_output"):
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01) if name == "adam" else gd(model, 0.05)
+        sharpness = osig.sharpness_measure(osig.cross_entropy_loss, x, y, every=5)
+
+        def measure(step, model, optimizer):
+            return dict(sharpness(step, model, optimizer) or {}, probe=model(x[:2]).detach().numpy())
+
+        runs.append(osig.train(model, x, y, osig.cross_entropy_loss, optimizer, 12,
+                               batch_size=None if name == "gd" else 8, measure=measure, seed=3, log=None))
+    for key in ("loss", "per_example_loss"):
         assert np.array_equal(runs[0][key], runs[1][key]), key
-    assert runs[0]["per_example_loss"].shape == (3, 24) and list(runs[0]["record_step"]) == [0, 4, 8]
-    assert runs[0]["eigenvalues"].shape == (3, 1)
+    for key in ("eigenvalues", "probe"):
+        assert np.array_equal(osig.measured(runs[0], key)[1], osig.measured(runs[1], key)[1]), key
+    assert list(osig.measured(runs[0], "eigenvalues")[0]) == [0, 5, 10]
+    assert runs[0]["per_example_loss"].shape == ((12, 24) if name == "gd" else (0, 24))
 
 
-def test_gd_records_sharpness_matching_dense_hessian_and_callback():
+def test_gd_records_sharpness_matching_dense_hessian_and_then():
     model, x, y = small_problem()
     seen = []
-    history = osig.train(model, x, y, osig.mse_loss, lr=0.1, steps=1, eig_every=1, eig_k=2, eig_iters=200,
-                         log_every=0, callback=lambda step, m, values, vectors: seen.append(vectors.shape) or step)
+    measure = osig.sharpness_measure(osig.mse_loss, x, y, every=1, k=2, iters=200,
+                                     then=lambda step, m, values, vectors: seen.append(vectors.shape) or {"seen": step})
+    history = osig.train(model, x, y, osig.mse_loss, gd(model), 1, measure=measure, log=None)
     # train's eigenvalues were measured at the initial parameters: recompute there
     model2, _, _ = small_problem()
     reference = np.sort(np.linalg.eigvalsh(dense_hessian(model2, osig.mse_loss, x, y).numpy()))[::-1][:2]
-    assert np.allclose(history["eigenvalues"][0], reference, rtol=1e-6)
-    assert history["callback"] == [0] and seen[0][1] == 2
+    assert np.allclose(osig.measured(history, "eigenvalues")[1][0], reference, rtol=1e-6)
+    assert history["measured"][0]["seen"] == 0 and seen[0][1] == 2
 
 
 def test_divergence_stops_with_message_and_keeps_history():
     model, x, y = small_problem(torch.float32)
     logged = []
-    history = osig.train(model, x * 100, y, osig.mse_loss, lr=50.0, steps=200, eig_every=0, log_every=0,
-                         log=logged.append)
-    assert history["diverged"] is not None and "lower lr" in history["diverged"]
+    history = osig.train(model, x * 100, y, osig.mse_loss, gd(model, 50.0), 200, log=logged.append)
+    assert history["diverged"] is not None and "lower the learning rate" in history["diverged"]
+    assert "2/lr = 0.04" in history["diverged"]                # the threshold with its digits
     stopped = len(history["loss"])
     assert 1 < stopped < 200 and not np.isfinite(history["loss"][-1]) and np.isfinite(history["loss"][0])
     assert history["per_example_loss"].shape[0] == stopped and logged
 
 
-def test_train_rejects_unknown_optimizer():
+def test_divergence_inside_the_eigensolver_keeps_the_run():
+    """A finite loss whose Hessian products overflow: lanczos raises, train stops cleanly with the history."""
+    operator = torch.diag(torch.tensor([1.0, 2.0, float("inf")], dtype=torch.float64))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        osig.lanczos(lambda v: operator @ v, 3, k=1)
+    model, x, y = small_problem(torch.float32)
+    sharpness = osig.sharpness_measure(osig.mse_loss, x, y, every=1)
+
+    def measure(step, model, optimizer):
+        if step == 3:
+            with torch.no_grad():
+                next(model.parameters()).fill_(3e38)       # Hessian products overflow; train's loss was finite
+        return sharpness(step, model, optimizer)
+
+    logged = []
+    history = osig.train(model, x, y, osig.mse_loss, gd(model), 10, measure=measure, log=logged.append)
+    assert np.isfinite(history["loss"]).all() and len(history["loss"]) == 4
+    assert "diverged at step 3" in history["diverged"] and len(osig.measured(history, "eigenvalues")[0]) == 3
+
+
+def test_api_rejects_mismatched_and_out_of_range_arguments():
     model, x, y = small_problem()
-    with pytest.raises(ValueError, match="unknown optimizer"):
-        osig.train(model, x, y, osig.mse_loss, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="same examples"):
+        osig.mse_loss(torch.zeros(20, 3), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="one label per example"):
+        osig.per_example_losses(model, osig.mse_loss, x, y[:1])
+    with pytest.raises(ValueError, match="one label per example"):
+        osig.top_eigenvalues(model, osig.mse_loss, x, y[:1])
+    with pytest.raises(ValueError, match="one label per example"):
+        osig.train(model, x, y[:1], osig.mse_loss, gd(model), 1, log=None)
+    with pytest.raises(ValueError, match="N >= 1"):
+        osig.top_eigenvalues(model, osig.mse_loss, x[:0], y[:0])
+    dim = flat_params(model).numel()
+    for k in (0, dim + 5):
+        with pytest.raises(ValueError, match="k="):
+            osig.top_eigenvalues(model, osig.mse_loss, x, y, k=k)
+    with pytest.raises(ValueError, match="k=1"):
+        osig.lanczos(lambda v: v, 0)
+    with pytest.raises(ValueError, match="class indices"):
+        osig.train(model, x, y + 3, osig.mse_loss, gd(model), 1, log=None)
+    with pytest.raises(ValueError, match="batch_size"):
+        osig.train(model, x, y, osig.mse_loss, gd(model), 1, batch_size=100, log=None)
+    history = osig.train(model, x, y, osig.mse_loss, gd(model, 0.0), 2, log=None)     # lr 0: a valid no-op
+    assert history["diverged"] is None and history["loss"][0] == history["loss"][1]
 
 
 # ----------------------------------------------------------------------------- data
@@ -331,22 +381,59 @@ def test_cifar_loader_from_archive_with_md5(tmp_path, monkeypatch):
 
 def test_cifar_loader_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("OSIG_DATA", raising=False)
-    with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz"):
+    with pytest.raises(osig.DataError, match="cifar-10-python.tar.gz"):
         osig.load_cifar10(tmp_path / "empty", download=False)
     monkeypatch.setattr(osig, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
-    with pytest.raises(FileNotFoundError, match="download failed"):
+    with pytest.raises(osig.DataError, match="download failed"):
         osig.load_cifar10(tmp_path / "offline", download=True)
     assert not list((tmp_path / "offline").iterdir())          # no partial archive left behind
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "cifar-10-python.tar.gz").write_bytes(b"not an archive")
-    with pytest.raises(ValueError, match="md5"):
+    with pytest.raises(osig.DataError, match="md5"):
         osig.load_cifar10(bad)
     broken = tmp_path / "broken"
     write_fake_cifar(broken / "cifar-10-batches-py")
     (broken / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
-    with pytest.raises(ValueError, match="data_batch_3"):
+    with pytest.raises(osig.DataError, match="data_batch_3"):
         osig.load_cifar10(broken)
+    # string labels, out-of-range labels, a wrong shape: one clear line each, never a traceback from inside
+    for name, batch in (("strings", {b"data": np.zeros((10000, 3072), np.uint8), b"labels": ["cat"] * 10000}),
+                        ("range", {b"data": np.zeros((10000, 3072), np.uint8), b"labels": [12] * 10000}),
+                        ("shape", {b"data": np.zeros((10, 3072), np.uint8), b"labels": [1] * 10}),
+                        ("scalar", {b"data": np.zeros((10000, 3072), np.uint8), b"labels": 3})):
+        folder = tmp_path / name
+        write_fake_cifar(folder / "cifar-10-batches-py")
+        with open(folder / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+            pickle.dump(batch, f)
+        with pytest.raises(osig.DataError, match="data_batch_2.*not a CIFAR-10 batch"):
+            osig.load_cifar10(folder)
+
+
+class Payload:
+    """A pickled object that runs a command when unpickled, as a tampered data file would."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar_loader_never_runs_code_in_a_batch_file(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_fake_cifar(folder)
+    marker = tmp_path / "payload-ran"
+    with open(folder / "data_batch_1", "rb") as f:
+        batch = pickle.load(f)
+    batch[b"extra"] = Payload(marker)
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump(batch, f)
+    pickle.loads(pickle.dumps(Payload(tmp_path / "control")))          # the payload does run under plain pickle
+    assert (tmp_path / "control").exists()
+    with pytest.raises(osig.DataError, match=r"data_batch_1.*refusing to load posix.system|data_batch_1.*refusing"):
+        osig.load_cifar10(tmp_path)
+    assert not marker.exists()
 
 
 @pytest.mark.skipif(not os.environ.get("OSIG_DATA"), reason="set OSIG_DATA to a CIFAR-10 folder to check real data")
@@ -364,38 +451,70 @@ def test_real_cifar10():
 
 # ----------------------------------------------------------------------------- copy-paste contract
 
-def test_public_functions_work_when_pasted_alone():
-    """Each listed function, exec'd alone with the module's imports, reproduces the module's result."""
-    header = ("import hashlib, math, os, pickle, tarfile, tempfile, time, urllib.request\n"
-              "from pathlib import Path\nimport numpy as np\nimport torch\nimport torch.nn as nn\n"
-              "import torch.nn.functional as F\n")
-    names = ["mse_loss", "cross_entropy_loss", "hvp", "lanczos", "power_iteration", "per_example_losses",
-             "per_example_grads", "per_example_directional_derivatives", "normalize", "seeded_subset",
-             "make_planted_images"]
+HEADER = "\n".join(line for line in inspect.getsource(osig).split("# -----")[0].splitlines()
+                   if line.startswith(("import ", "from ")))
+
+
+def pasted(name):
+    """`name` exec'd alone with osig's imports and exactly the helpers its docstring names after "Needs"."""
+    doc = getattr(osig, name).__doc__
+    needs = re.findall(r"`(\w+)`", doc.split("Needs", 1)[1]) if "Needs" in doc else []
+    namespace = {}
+    exec(HEADER + "\n" + "\n".join(inspect.getsource(getattr(osig, n)) for n in needs + [name]), namespace)
+    return namespace[name]
+
+
+def test_paste_promise_each_function_runs_with_only_the_helpers_it_names():
     model, x, y = small_problem()
     v = torch.randn(flat_params(model).numel(), dtype=torch.float64)
     A = torch.from_numpy(symmetric_matrix([3.0, 2.0, 1.0, 0.5]))
-    for name in names:
-        namespace = {}
-        exec(header + inspect.getsource(getattr(osig, name)), namespace)
-        pasted = namespace[name]
-        if name.endswith("loss"):
-            assert torch.equal(pasted(x.flatten(1)[:, :3], y), getattr(osig, name)(x.flatten(1)[:, :3], y))
-        elif name == "hvp":
-            assert torch.equal(pasted(model, osig.mse_loss, x, y, v), osig.hvp(model, osig.mse_loss, x, y, v))
-        elif name in ("lanczos", "power_iteration"):
-            assert abs(float(pasted(lambda u: A @ u, 4)[0][0] if name == "lanczos"
-                             else pasted(lambda u: A @ u, 4)[0]) - 3.0) < 1e-5
-        elif name == "per_example_directional_derivatives":
-            assert pasted(model, osig.mse_loss, x, y, v[:, None]).shape == (24, 1)
-        elif name.startswith("per_example"):
-            assert pasted(model, osig.mse_loss, x, y).shape[0] == 24
-        elif name == "normalize":
-            assert pasted(torch.zeros(2, 4, 4, 3, dtype=torch.uint8), [0.5] * 3, [0.25] * 3)[0].shape == (2, 3, 4, 4)
-        elif name == "seeded_subset":
-            assert torch.equal(pasted(50, 5, seed=2), osig.seeded_subset(50, 5, seed=2))
-        else:
-            assert torch.equal(pasted(n=40)[0], osig.make_planted_images(n=40)[0])
+    assert torch.equal(pasted("hvp")(model, osig.mse_loss, x, y, v, chunk=5), osig.hvp(model, osig.mse_loss, x, y, v, 5))
+    assert abs(float(pasted("lanczos")(lambda u: A @ u, 4)[0][0]) - 3.0) < 1e-8
+    assert abs(pasted("power_iteration")(lambda u: A @ u, 4)[0] - 3.0) < 1e-5
+    P = torch.rand(v.numel(), dtype=torch.float64) + 0.5
+    for kwargs in ({}, {"chunk": 5}, {"preconditioner": P}):
+        assert torch.allclose(pasted("top_eigenvalues")(model, osig.mse_loss, x, y, **kwargs)[0],
+                              osig.top_eigenvalues(model, osig.mse_loss, x, y, **kwargs)[0])
+    assert torch.equal(pasted("per_example_grads")(model, osig.mse_loss, x, y),
+                       osig.per_example_grads(model, osig.mse_loss, x, y))
+    vectors = osig.top_eigenvalues(model, osig.mse_loss, x, y, k=2)[1]
+    assert list(pasted("opposing_groups")(model, osig.mse_loss, x, y, 0.1, vectors, top=5)["index"]) == \
+        list(osig.opposing_groups(model, osig.mse_loss, x, y, 0.1, vectors, top=5)["index"])
+    measure = pasted("sharpness_measure")(osig.mse_loss, x, y, every=2)
+    state = {k: t.clone() for k, t in model.state_dict().items()}
+    for batch_size, clip_norm in ((None, None), (8, 0.1)):
+        model.load_state_dict(state)
+        copied = pasted("train")(model, x, y, osig.mse_loss, gd(model), 4, batch_size=batch_size, chunk=7,
+                                 measure=measure, clip_norm=clip_norm, log=None)
+        model.load_state_dict(state)
+        original = osig.train(model, x, y, osig.mse_loss, gd(model), 4, batch_size=batch_size, chunk=7,
+                              clip_norm=clip_norm, log=None)
+        assert np.array_equal(copied["loss"], original["loss"]) and len(copied["measured"]) == 2
+    assert torch.equal(pasted("make_planted_images")(n=40)[0], osig.make_planted_images(n=40)[0])
+    assert torch.equal(pasted("seeded_subset")(50, 5, seed=2), osig.seeded_subset(50, 5, seed=2))
+
+
+def test_paste_promise_optimizers_and_analysis():
+    model, x, y = small_problem()
+    P = torch.rand(flat_params(model).numel(), dtype=torch.float64) + 0.5
+    opt = torch.optim.Adam(model.parameters())
+    assert pasted("adaptive_preconditioner")(opt) is None
+    assert pasted("stability_threshold")(opt) == osig.stability_threshold(opt)
+    assert torch.equal(pasted("top_quantile_mask")(P, 0.3), osig.top_quantile_mask(P, 0.3))
+    assert np.array_equal(pasted("layer_shares")(P, model), osig.layer_shares(P, model))
+    assert np.array_equal(pasted("parameter_shares")(model), osig.parameter_shares(model))
+    flips = np.ones((3, 6))
+    assert np.array_equal(pasted("layer_sign_flip_rates")(flips, model), osig.layer_sign_flip_rates(flips, model))
+    losses = np.random.default_rng(0).standard_normal((50, 30))
+    assert pasted("opposing_group_oscillation")(losses, top=6, window=5)["median_relative"] == \
+        osig.opposing_group_oscillation(losses, top=6, window=5)["median_relative"]
+    up, down = np.arange(5), np.arange(5, 10)
+    assert pasted("post_selection_correlation")(losses, 3, up, down) == osig.post_selection_correlation(losses, 3, up, down)
+    labels = np.arange(30) % 3
+    assert pasted("pair_significance")(losses.T, labels, up, down, np.arange(30) >= 10, draws=20) == \
+        osig.pair_significance(losses.T, labels, up, down, np.arange(30) >= 10, draws=20)
+    split = pasted("SplitSGD")
+    assert isinstance(split(model.parameters(), lr=0.1), torch.optim.Optimizer)
 
 
 # ----------------------------------------------------------------------------- optimizers and preconditioned sharpness
@@ -415,10 +534,11 @@ def test_preconditioned_eigenvalues_match_dense(chunk):
     assert torch.allclose((H @ direction) / P, values[0] * direction, atol=1e-7 * float(values[0]))
 
 
-def test_adam_preconditioner_is_bias_corrected_rms():
+def test_adaptive_preconditioner_is_bias_corrected_rms():
     model, x, y = small_problem()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.8, 0.9), eps=1e-6)
-    assert osig.adam_preconditioner(opt) is None
+    assert osig.adaptive_preconditioner(opt) is None
+    assert osig.adaptive_preconditioner(gd(model)) is None
     squares = torch.zeros_like(flat_params(model))
     for t in range(1, 4):
         opt.zero_grad()
@@ -427,7 +547,7 @@ def test_adam_preconditioner_is_bias_corrected_rms():
         squares = 0.9 * squares + 0.1 * g ** 2
         opt.step()
     expected = (squares / (1 - 0.9 ** 3)).sqrt() + 1e-6
-    assert torch.allclose(osig.adam_preconditioner(opt), expected, rtol=1e-10)
+    assert torch.allclose(osig.adaptive_preconditioner(opt), expected, rtol=1e-10)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
@@ -454,7 +574,9 @@ def test_stability_threshold_on_a_quadratic(name):
                 return size
         return size
 
-    threshold = osig.stability_threshold(name, lr, momentum, betas)
+    parameter = [torch.zeros(1, requires_grad=True)]
+    threshold = osig.stability_threshold(torch.optim.SGD(parameter, lr=lr, momentum=momentum) if name == "sgd" else
+                                         torch.optim.Adam(parameter, lr=lr, betas=betas))
     assert final_size(0.97 * threshold) < 1e-3 and final_size(1.03 * threshold) > 1e3
 
 
@@ -507,33 +629,48 @@ def test_top_quantile_mask_counts():
 
 # ----------------------------------------------------------------------------- train with every optimizer
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "clip", "split"])
-def test_each_optimizer_trains_on_planted_images(optimizer):
+@pytest.mark.parametrize("name", ["sgd", "adam", "clip", "split"])
+def test_each_optimizer_trains_on_planted_images(name):
     images, labels, _ = osig.make_planted_images(n=200, seed=0)
     x, _, _ = osig.normalize(images)
     torch.manual_seed(0)
     model = osig.MLP(3072, 32, 1, 10)
-    lr = {"sgd": 0.02, "adam": 1e-3, "clip": 0.02, "split": 0.02}[optimizer]
-    history = osig.train(model, x, labels, osig.cross_entropy_loss, optimizer, lr=lr, steps=30, batch_size=32,
-                          eig_every=10, eig_iters=30, record_every=3, log_every=0, clip_norm=0.5, split_lr=1e-3,
-                          preconditioned=optimizer in ("adam", "split"), record_sign_flips=True)
+    params = model.parameters()
+    optimizer = {"sgd": lambda: torch.optim.SGD(params, lr=0.02, momentum=0.9),
+                 "clip": lambda: torch.optim.SGD(params, lr=0.02, momentum=0.9),
+                 "adam": lambda: torch.optim.Adam(params, lr=1e-3),
+                 "split": lambda: osig.SplitSGD(params, lr=0.02, normalized_lr=1e-3)}[name]()
+    sharpness = osig.sharpness_measure(osig.cross_entropy_loss, x, labels, every=10, iters=30,
+                                       preconditioner=osig.adaptive_preconditioner)
+    flips = osig.sign_flip_measure()
+
+    def measure(step, model, optimizer):
+        record = dict(flips(step, model, optimizer), **(sharpness(step, model, optimizer) or {}))
+        if step % 3 == 0:
+            record["per_example_loss"] = osig.per_example_losses(model, osig.cross_entropy_loss, x, labels).numpy()
+        return record
+
+    history = osig.train(model, x, labels, osig.cross_entropy_loss, optimizer, 30, batch_size=32, measure=measure,
+                         clip_norm=0.5 if name == "clip" else None, log=None)
     assert history["diverged"] is None
-    losses = history["per_example_loss"]
+    losses = osig.measured(history, "per_example_loss")[1]
     assert losses.shape == (10, 200) and losses[-1].mean() < losses[0].mean()
     assert history["grad_norm"].shape == (30,) and np.all(history["grad_norm"] > 0)
-    flips = history["sign_flip"]
-    assert flips.shape == (30, 4) and np.all(np.isnan(flips[0])) and np.all(flips[1:] >= 0) and flips[1:].sum() > 0
-    if optimizer in ("adam", "split"):
-        pre = history["preconditioned_eigenvalues"]
+    flip_counts = osig.measured(history, "sign_flips")[1]
+    assert flip_counts.shape == (30, 4) and np.all(np.isnan(flip_counts[0])) and np.all(flip_counts[1:] >= 0)
+    assert flip_counts[1:].sum() > 0
+    pre = osig.measured(history, "preconditioned_eigenvalues")[1]
+    if name in ("adam", "split"):
         assert pre.shape == (3, 1) and np.isnan(pre[0, 0]) and np.all(pre[1:] > 0)
-    assert history["threshold"] == osig.stability_threshold(optimizer, lr)
+    else:
+        assert np.isnan(pre).all()                                   # SGD has no preconditioner
 
 
 def test_clip_caps_the_step_and_sign_flips_match_a_manual_count():
     model, x, y = small_problem(torch.float64)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    history = osig.train(model, x, y, osig.cross_entropy_loss, "clip", lr=0.1, steps=2, batch_size=24, momentum=0.0,
-                          eig_every=0, log_every=0, clip_norm=1e-3, record_sign_flips=True)
+    history = osig.train(model, x, y, osig.cross_entropy_loss, gd(model), 2, batch_size=24,
+                         measure=osig.sign_flip_measure(), clip_norm=1e-3, log=None)
     after = flat_params(model)
     model.load_state_dict(state)
     grads = []
@@ -548,13 +685,17 @@ def test_clip_caps_the_step_and_sign_flips_match_a_manual_count():
                 p -= 0.1 * p.grad * min(1.0, 1e-3 / float(g.norm()))
     assert torch.allclose(flat_params(model), after, atol=1e-13)
     manual = [float(((a * b) < 0).sum()) for a, b in zip(grads[0], grads[1])]
-    assert history["sign_flip"][1].tolist() == manual
+    assert osig.measured(history, "sign_flips")[1][1].tolist() == manual
 
 
-def test_preconditioned_needs_an_adaptive_optimizer():
-    model, x, y = small_problem()
-    with pytest.raises(ValueError, match="adaptive"):
-        osig.train(model, x, y, osig.mse_loss, "sgd", steps=1, preconditioned=True, log_every=0)
+def test_stability_threshold_reads_the_constructed_optimizer():
+    parameter = [torch.zeros(1, requires_grad=True)]
+    assert osig.stability_threshold(torch.optim.SGD(parameter, lr=0.02)) == pytest.approx(100.0)
+    assert osig.stability_threshold(torch.optim.SGD(parameter, lr=0.1, momentum=0.9)) == pytest.approx(38.0)
+    assert osig.stability_threshold(torch.optim.Adam(parameter, lr=0.01)) == pytest.approx(3800.0)
+    assert osig.stability_threshold(osig.SplitSGD(parameter, lr=0.1)) == pytest.approx(38.0)
+    with pytest.raises(ValueError, match="RMSprop"):
+        osig.stability_threshold(torch.optim.RMSprop(parameter))
 
 
 # ----------------------------------------------------------------------------- layers and groups
@@ -604,51 +745,23 @@ def test_opposing_group_oscillation_detects_planted_antiphase_groups():
 
 # ----------------------------------------------------------------------------- copy-paste contract and compatibility
 
-def test_optimizer_functions_work_when_pasted_alone():
-    header = ("import math, time\nimport numpy as np\nimport torch\nimport torch.nn as nn\n"
-              "import torch.nn.functional as F\n")
-    model, x, y = small_problem()
-    P = torch.rand(flat_params(model).numel(), dtype=torch.float64) + 0.5
-    needs = {"top_eigenvalues": [osig.hvp, osig.lanczos], "layer_shares": [osig.parameter_layers],
-             "layer_sign_flip_rates": [osig.parameter_layers]}
-    for function in (osig.top_quantile_mask, osig.stability_threshold, osig.adam_preconditioner,
-                     osig.top_eigenvalues, osig.parameter_layers, osig.layer_shares,
-                     osig.layer_sign_flip_rates, osig.opposing_group_oscillation):
-        namespace = {}
-        source = "\n".join(inspect.getsource(f) for f in needs.get(function.__name__, []) + [function])
-        exec(header + source, namespace)
-        pasted = namespace[function.__name__]
-        if function is osig.top_eigenvalues:
-            assert torch.equal(pasted(model, osig.mse_loss, x, y, preconditioner=P)[0],
-                               function(model, osig.mse_loss, x, y, preconditioner=P)[0])
-        elif function is osig.top_quantile_mask:
-            assert torch.equal(pasted(P, 0.3), function(P, 0.3))
-        elif function is osig.stability_threshold:
-            assert pasted("adam", 0.01) == function("adam", 0.01)
-        elif function is osig.adam_preconditioner:
-            assert pasted(torch.optim.Adam(model.parameters())) is None
-        elif function is osig.parameter_layers:
-            assert pasted(model)[0] == function(model)[0]
-        elif function is osig.layer_shares:
-            assert np.array_equal(pasted(P, model), function(P, model))
-        elif function is osig.layer_sign_flip_rates:
-            flips = np.ones((3, 6))
-            assert np.array_equal(pasted(flips, model), function(flips, model))
-        else:
-            losses = np.random.default_rng(0).standard_normal((50, 30))
-            assert pasted(losses, top=6, window=5)["median_relative"] == function(losses, top=6, window=5)["median_relative"]
-
-
 # ----------------------------------------------------------------------------- outliers and opposing groups
 
 def test_loss_spikes_and_edge_of_stability_against_explicit_definitions():
     rng = np.random.default_rng(0)
     loss = np.exp(-np.arange(200) / 80) * (1 + 0.3 * (rng.random(200) < 0.05))
-    explicit = [t for t in range(20, 200) if loss[t] > 1.1 * min(loss[t - 20:t])]
-    assert list(osig.loss_spikes(loss)) == explicit and len(explicit) > 0
-    first, hover = osig.edge_of_stability([0, 10, 20, 30, 40], [1.0, 1.5, 2.1, 1.9, 2.0], lr=1.0)
-    assert first == 20 and np.isclose(hover, np.median([0.05, 0.05, 0.0]))
-    assert osig.edge_of_stability([0, 10], [1.0, 1.2], lr=1.0)[0] is None
+    high = [t for t in range(20, 200) if loss[t] > 1.1 * min(loss[t - 20:t])]
+    events = [t for t in high if t - 1 not in high]                   # an event starts where a run of steps starts
+    spikes = osig.loss_spikes(loss)
+    assert list(spikes[:, 0]) == events and len(events) > 0
+    assert sum(end - start + 1 for start, end in spikes) == len(high)
+    eos = osig.edge_of_stability([0, 10, 20, 30, 40], [1.0, 0.5, 2.0, 1.9, 2.1], lr=1.0)   # 2/lr = 2: >= counts
+    assert eos["first"] == 20 and np.isclose(eos["hover"], np.median([0.0, 0.05, 0.05]))
+    assert eos["initial_ratio"] == 0.5 and eos["rise"] == 4.0                      # from the early minimum 0.5
+    never = osig.edge_of_stability([0, 10], [1.0, 1.2], lr=1.0)
+    assert never["first"] is None and np.isnan(never["hover"]) and never["rise"] == 1.2
+    started_above = osig.edge_of_stability([0, 10], [2.5, 2.2], lr=1.0)
+    assert started_above["first"] == 0 and started_above["initial_ratio"] > 1 and started_above["rise"] == 1.0
 
 
 def test_top_fraction_share_gaussian_and_planted_heavy_tail():
@@ -660,14 +773,22 @@ def test_top_fraction_share_gaussian_and_planted_heavy_tail():
     assert np.allclose(osig.top_fraction_share(heavy), 20 / (20 + 99), atol=0.01)  # they carry 20x their share
 
 
-def test_sky_mask_finds_planted_backgrounds_and_probe_colour():
-    images, labels, planted = osig.make_planted_images(n=300, seed=2)
-    mask = osig.sky_mask(images)
-    assert torch.equal(mask, planted > 0)
+def test_sky_groups_find_planted_backgrounds_and_leave_ambiguous_images_out():
+    images, labels, planted = osig.make_planted_images(n=300, seed=2, noise=20.0)
+    sky, no_sky = osig.sky_groups(images)
+    assert torch.equal(sky, planted > 0) and not (sky & no_sky).any()
+    flat = images.clone()
+    flat[:10, :8] = 200                                               # a flat grey sky: neither group
+    partial = images.clone()
+    partial[10:20, :4] = torch.tensor([80, 150, 255], dtype=torch.uint8)   # half the top quarter blue: neither
+    for changed, rows in ((flat, slice(0, 10)), (partial, slice(10, 20))):
+        sky, no_sky = osig.sky_groups(changed)
+        assert not sky[rows].any() and not no_sky[rows].any()
     x, mean, std = osig.normalize(images)
-    probe, rgb = osig.sky_probe(images, mask, mean, std)
+    probe = osig.uniform_probe((80, 150, 255), mean, std)
     assert probe.shape == (1, 3, 32, 32) and torch.all(probe == probe[0, :, :1, :1])
-    assert abs(rgb[2].item() - 255) < 10 and abs(rgb[0].item() - 80) < 10
+    pixel = ((torch.tensor([80.0, 150, 255]) / 255 - mean) / std)
+    assert torch.allclose(probe[0, :, 0, 0], pixel)
 
 
 def test_opposing_groups_against_an_explicit_gd_step_and_per_example_grads():
@@ -680,7 +801,7 @@ def test_opposing_groups_against_an_explicit_gd_step_and_per_example_grads():
     values, vectors, _ = osig.top_eigenvalues(model, osig.mse_loss, x, labels, k=2, iters=60)
     found = osig.opposing_groups(model, osig.mse_loss, x, labels, 0.1, vectors, top=6, seed=0)
     assert torch.equal(flat_params(model), torch.cat([v.reshape(-1) for v in state.values()]))  # trial step undone
-    history = osig.train(model, x, labels, osig.mse_loss, lr=0.1, steps=2, eig_every=0, log_every=0)
+    history = osig.train(model, x, labels, osig.mse_loss, gd(model), 2, log=None)
     actual_change = history["per_example_loss"][1] - history["per_example_loss"][0]
     assert np.allclose(found["loss_change_all"], actual_change, atol=1e-6)
     assert list(found["index"]) == list(np.argsort(-np.abs(actual_change))[:6])
@@ -862,8 +983,6 @@ def test_toy_network_starts_linear_in_x0_and_groups_oppose():
 
 
 def test_sign_statistics():
-    assert sign_change_fraction([1, -1, 1, -1]) == 1.0
-    assert sign_change_fraction([1, 2, -1, -2]) == pytest.approx(1 / 3)
     assert period_two_fraction([1, -1, 1, -1, 1]) == 1.0
     assert period_two_fraction([1, -1, -2, -3, 4]) == 0.0
     mask = oscillation_episode([1.0, 1.0, 2.0, 1.0], [1.0, 1.0, 1.0, 2.0], [1.0, 3.0, 3.0, 3.0], threshold=2.0)
@@ -885,32 +1004,93 @@ def test_run_all_smoke_on_planted_data_recovers_planted_groups(tmp_path, capsys)
     report = (tmp_path / "report.md").read_text()
     for name in ("cifar_mse", "cifar_ce"):
         record = read_record(tmp_path, name)
-        assert record["status"] == "done" and len(record["criteria"]) >= 12
-        assert all(np.isfinite(c["value"]) for c in record["criteria"])
+        assert record["status"] == "done" and len(record["criteria"]) >= 15
+        assert not any(c["met"] for c in record["criteria"] if not np.isfinite(c["value"]))
         for figure in record["figures"]:
             assert (tmp_path / name / figure).stat().st_size > 1000 and f"({name}/{figure})" in report
         precision = [c for c in record["criteria"] if c["name"].startswith("precision")][0]
         assert precision["value"] >= 0.9, precision
+        significance = [c for c in record["criteria"] if "class-matched null" in c["name"]][0]
+        assert "coherence" in significance["where"]
         assert np.load(tmp_path / name / "history.npz")["per_example_loss"].dtype == np.float16
-    assert "| criterion | measured | target | met |" in report
+        assert oct((tmp_path / name / "result.json").stat().st_mode & 0o777) == "0o644"
+    assert "| criterion | measured | target | source | met | context |" in report
+    assert "issue" not in report.lower()
     # a rerun reuses finished experiments instead of recomputing them
     capsys.readouterr()
     assert run_all.main(["--profile", "smoke", "--out", str(tmp_path), "--only", "cifar_mse"]) == 0
-    assert "reusing" in capsys.readouterr().out
+    assert "reusing cifar_mse" in capsys.readouterr().out
 
 
-def test_run_all_reports_missing_cifar_and_bad_flags(tmp_path, monkeypatch, capsys):
+def test_run_all_sorts_errors_by_cause_and_keeps_the_report(tmp_path, monkeypatch, capsys):
     import run_all
     monkeypatch.setenv("OSIG_DATA", str(tmp_path / "nowhere"))
     monkeypatch.setattr(osig, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
-    assert run_all.main(["--profile", "smoke", "--data", "cifar10", "--out", str(tmp_path / "r"),
-                         "--only", "cifar_mse"]) == 0
-    assert not (tmp_path / "r" / "cifar_mse" / "result.json").exists()    # nothing half-done is kept
-    report = (tmp_path / "r" / "report.md").read_text()
-    assert "skipped" in report and "OSIG_DATA" in report
-    with pytest.raises(SystemExit):
-        run_all.main(["--only", "nonsense", "--out", str(tmp_path / "r")])
-    assert "unknown experiment" in capsys.readouterr().err
+    out = tmp_path / "r"
+    # missing data: skipped, with the fix and a rerun hint that keeps the user's flags; exit 0
+    assert run_all.main(["--profile", "smoke", "--data", "cifar10", "--out", str(out), "--only", "cifar_mse"]) == 0
+    record = read_record(out, "cifar_mse")
+    assert record["status"] == "skipped" and "OSIG_DATA" in record["reason"]
+    assert f"--profile smoke --out {out} --data cifar10 --only cifar_mse" in record["reason"]
+    # any other failure: reported as failed, the next experiment still runs, the exit code is 1
+    monkeypatch.setitem(run_all.RUN, run_all.LinearConfig, lambda cfg, out, device: 1 / 0)
+    assert run_all.main(["--profile", "smoke", "--data", "cifar10", "--out", str(out), "--only", "linear", "--only", "toy"]) == 1
+    assert read_record(out, "linear")["status"] == "failed" and "ZeroDivisionError" in read_record(out, "linear")["reason"]
+    assert read_record(out, "toy")["status"] == "done"
+    monkeypatch.undo()
+    # --only keeps the rest of the report; a damaged result is recomputed, not a traceback
+    (out / "toy" / "result.json").write_text("{not json")
+    assert run_all.main(["--profile", "smoke", "--data", "cifar10", "--out", str(out), "--only", "toy_ce"]) == 0
+    report = (out / "report.md").read_text()
+    assert "## toy_ce" in report and "## cifar_mse" in report and "skipped" in report
+    assert "| [toy](#toy) | not run |" in report
+    capsys.readouterr()
+    assert run_all.main(["--profile", "smoke", "--data", "cifar10", "--out", str(out), "--only", "toy"]) == 0
+    assert "is unreadable" in capsys.readouterr().out and read_record(out, "toy")["status"] == "done"
+    assert not list(out.rglob(".*.json"))                                   # no temporary files left behind
+
+
+def test_run_all_rejects_bad_arguments_before_any_work(tmp_path, capsys):
+    import run_all
+    (tmp_path / "file").write_text("")
+    for argv, message in ((["--only", "nonsense"], "unknown experiment"), (["--seed", "-1"], "seeds must be >= 0"),
+                          (["--out", str(tmp_path / "file")], "is a file"), (["--device", "mps"], "not usable")):
+        with pytest.raises(SystemExit):
+            run_all.main(argv + (["--out", str(tmp_path / "r")] if "--out" not in argv else []))
+        error = capsys.readouterr().err
+        assert message in error, error
+        assert len(error.splitlines()[-1]) < 300
+
+
+def test_criterion_parses_targets_and_never_meets_nan():
+    import run_all
+    quiet = dict(log=lambda *a: None)
+    assert run_all.criterion("a", 0.1, "<= 0.15", "choice", **quiet)["met"]
+    assert not run_all.criterion("a", 0.2, "<= 0.15 (why)", "choice", **quiet)["met"]
+    assert run_all.criterion("b", 3, ">= 3", "paper", **quiet)["met"] and not run_all.criterion("b", 3, "> 3", "x", **quiet)["met"]
+    assert run_all.criterion("c", 0, "== 0", "choice", **quiet)["met"]
+    assert not run_all.criterion("d", float("nan"), "<= 1", "choice", **quiet)["met"]
+    assert not run_all.criterion("d", float("nan"), "<= 1", "choice", met=True, **quiet)["met"]
+    with pytest.raises(ValueError, match="must start with"):
+        run_all.criterion("e", 1, "about 0", "choice", **quiet)
+    seeds = [[run_all.criterion("f", v, "<= 1", "choice", **quiet)] for v in (0.5, 2.0, 0.7)]
+    combined = run_all.combine_seeds(seeds, **quiet)[0]
+    assert combined["value"] == 0.7 and combined["met"] and "met on 2/3 seeds" in combined["where"]
+
+
+def test_write_report_reproduces_the_values_it_is_given(tmp_path):
+    import run_all
+    criteria = [run_all.criterion("first | second", 0.123456, "<= 0.2", "choice", where="ctx", log=lambda *a: None),
+                run_all.criterion("other", float("nan"), ">= 3", "paper", log=lambda *a: None)]
+    records = {"alpha": {"status": "done", "title": "T", "config": {"a": 1}, "criteria": criteria, "figures": ["f.png"],
+                         "notes": ["a note"], "seconds": 12.0, "predicted": 10.0, "summary": "S."},
+               "beta": {"status": "skipped", "title": "U", "reason": "no data"}}
+    run_all.write_report(tmp_path, records, "cpu", "cpu")
+    report = (tmp_path / "report.md").read_text()
+    assert "| [alpha](#alpha) | done | 1/2 | 10 s | 12 s |" in report
+    assert "| first \\| second | 0.1235 | <= 0.2 | choice | yes | ctx |" in report
+    assert "| other | nan | >= 3 | paper | **no** |" in report
+    assert "**skipped**: no data" in report and "- a note" in report and "S." in report and "(alpha/f.png)" in report
 
 
 @pytest.mark.skipif(not os.environ.get("OSIG_DATA"), reason="set OSIG_DATA to a CIFAR-10 folder to check real data")
@@ -919,7 +1099,7 @@ def test_run_all_short_real_cifar_run(tmp_path):
     import run_all
     assert run_all.main(["--profile", "smoke", "--data", "cifar10", "--out", str(tmp_path), "--only", "cifar_mse"]) == 0
     record = read_record(tmp_path, "cifar_mse")
-    assert record["status"] == "done" and len(record["criteria"]) >= 3
+    assert record["status"] == "done" and len(record["criteria"]) >= 15
 
 
 def test_run_all_smoke_mechanism_experiments(tmp_path):
@@ -934,8 +1114,12 @@ def test_run_all_smoke_mechanism_experiments(tmp_path):
         assert record["summary"] in report
     # the two-layer linear model's theory holds even in the short smoke run
     linear = {c["name"]: c for c in read_record(tmp_path, "linear")["criteria"]}
-    assert linear["control alpha: max sharpness / (2/lr)"]["met"]
+    assert linear["control α: max sharpness / (2/lr)"]["met"]
     assert linear["large lr: max sharpness / (2/lr)"]["met"]
+    # the toy's sentences follow its numbers: the short smoke run has not fallen yet, and says so
+    toy_ce = read_record(tmp_path, "toy_ce")
+    fell = [c for c in toy_ce["criteria"] if c["name"].startswith("the fall:")][0]["met"]
+    assert ("does not fall" in toy_ce["summary"]) != fell
 
 
 def test_run_all_smoke_optimizers(tmp_path):
