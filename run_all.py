@@ -382,8 +382,8 @@ def images_criteria(cfg, run, log):
     c.append(criterion("post-EoS pairs beating the class-matched null (coherence and anti-phase, p < 0.01)",
                        np.mean(significant) if significance else nan, ">= 0.5", "choice", where=(
                            f"{len(significance)} pairs; median coherence "
-                           f"{np.median([r['coherence'] for r in significance]) if significance else nan:.3f} vs null "
-                           f"{np.median([r['coherence_null'] for r in significance]) if significance else nan:.3f}"),
+                           f"{np.nanmedian([r['coherence'] for r in significance]) if significance else nan:.3f} vs "
+                           f"null {np.nanmedian([r['coherence_null'] for r in significance]) if significance else nan:.3f}"),
                        log=log))
     if run["planted"] is not None:
         precision = np.mean(np.concatenate([run["planted"][g["index"]] > 0 for _, g in post])) if post else nan
@@ -401,16 +401,15 @@ def images_criteria(cfg, run, log):
                        f"{contrast['control']:.2f}", log=log))
     outputs = np.stack([m["probe_output"] for m in history["measured"]]).astype(np.float64)   # [T, 3, C]
     preference = outputs[:, :, AIRPLANE] - outputs[:, :, [BIRD, SHIP]].mean(-1)               # [T, 3 probes]
-    tracking = np.array([[abs(osig.change_correlation(preference[window, p], losses[window][:, group].mean(1)))
-                          if reached and group.any() else nan for group in (sky & planes, no_sky & planes)]
-                         for p in range(3)])                                                  # [probe, group]
-    c.append(criterion("sky probe tracks sky airplanes better than grey and green probes do: |corr| difference",
-                       tracking[0, 0] - max(tracking[1, 0], tracking[2, 0]), ">= 0.2", "choice",
-                       where=f"|corr| sky probe {tracking[0, 0]:.2f}, grey {tracking[1, 0]:.2f}, green "
-                       f"{tracking[2, 0]:.2f}", log=log))
-    c.append(criterion("sky probe tracks sky airplanes better than no-sky airplanes: |corr| difference",
-                       tracking[0, 0] - tracking[0, 1], ">= 0.2", "choice",
-                       where=f"{tracking[0, 0]:.2f} vs {tracking[0, 1]:.2f}", log=log))
+    amplitude = [np.abs(np.diff(preference[window, p])).mean() if reached else nan for p in range(3)]
+    c.append(criterion("the sky probe's airplane vs bird/ship preference moves more than grey's and green's: "
+                       "mean |change| ratio", amplitude[0] / max(amplitude[1], amplitude[2]), ">= 2", "choice",
+                       where="sky, grey, green: " + ", ".join(f"{a:.3g}" for a in amplitude), log=log))
+    tracking = [abs(osig.change_correlation(preference[window, 0], losses[window][:, group].mean(1)))
+                if reached and group.any() else nan for group in (sky & planes, no_sky & planes)]
+    c.append(criterion("the sky probe tracks sky airplanes better than no-sky airplanes: |corr| difference",
+                       tracking[0] - tracking[1], ">= 0.2", "choice", where=f"{tracking[0]:.2f} vs {tracking[1]:.2f}",
+                       log=log))
     analysis = dict(eos=eos, spikes=after, delta=delta, post=post, preference=preference, contrast=contrast,
                     significance=significance, eig_step=eig_step, eigenvalues=eigenvalues,
                     linearization=np.median([g["linearization_balanced_accuracy"] for _, g in post]) if post else nan,

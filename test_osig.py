@@ -22,7 +22,7 @@ from osig import (TwoLayerLinear, consecutive_sign_changes, group_gradients, mak
                   make_toy_network, odd_even_parts, opposing_curvature, opposing_probes, opposing_rayleigh_quotient,
                   opposing_weight, oscillation_episode, period_two_fraction, predicted_sharpness, regression_loss)
 
-torch.set_num_threads(2)
+torch.set_num_threads(min(2, torch.get_num_threads()))   # CI has 2 cores; OMP_NUM_THREADS=1 is respected
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -75,6 +75,21 @@ def test_hvp_matches_dense_hessian_float64_any_chunk(name, loss_fn):
     for chunk in (None, 1, 2, shape[0]):
         result = osig.hvp(model, loss_fn, x, y, v, chunk=chunk)
         assert torch.linalg.norm(result - reference) / torch.linalg.norm(reference) < 1e-10, chunk
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet18", "vit"])
+def test_hvp_of_the_large_models_matches_dense_hessian_float64(name):
+    """The GPU profile's networks at width 1: hvp against torch.func.hessian, chunked and not."""
+    torch.manual_seed(0)
+    model, size = {"vgg11": (osig.VGG11(3, width=1), 32), "resnet18": (osig.ResNet18(3, width=1, batch_norm=False), 16),
+                   "vit": (osig.ViT(3, image_size=8, patch=4, dim=8, depth=2, heads=2), 8)}[name]
+    model.double()
+    x, y = torch.randn(3, 3, size, size, dtype=torch.float64), torch.tensor([0, 1, 2])
+    H = dense_hessian(model, osig.cross_entropy_loss, x, y)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    for chunk in (None, 2):
+        result = osig.hvp(model, osig.cross_entropy_loss, x, y, v, chunk=chunk)
+        assert torch.linalg.norm(result - H @ v) / torch.linalg.norm(H @ v) < 1e-10
 
 
 def test_hvp_matches_finite_differences_float32():
@@ -826,6 +841,90 @@ def test_change_correlation():
     a = np.cumsum(np.random.default_rng(0).standard_normal(50))
     assert np.isclose(osig.change_correlation(a, -2 * a), -1.0) and np.isclose(osig.change_correlation(a, a + 3), 1.0)
     assert np.isnan(osig.change_correlation(a, np.ones(50)))
+
+
+def test_anti_phase_statistics_are_zero_on_iid_noise_and_find_planted_anti_phase():
+    rng = np.random.default_rng(0)
+    noise = 1.0 + 0.1 * rng.standard_normal((60, 400))
+    results = np.array([osig.post_selection_correlation(noise, 5, np.arange(s, s + 10), np.arange(s + 10, s + 25), seed=s)
+                        for s in range(0, 300, 25)])
+    assert abs(np.median(results[:, 0])) < 0.15 and abs(np.median(results[:, 1])) < 0.15
+    planted = noise.copy()
+    wave = 0.5 * (-1.0) ** np.arange(60)
+    planted[:, :10] += wave[:, None]
+    planted[:, 10:25] -= wave[:, None]
+    selected, control = osig.post_selection_correlation(planted, 5, np.arange(10), np.arange(10, 25), seed=0)
+    assert selected < -0.9 and abs(control) < 0.9 and selected - control < -0.6   # the random split mixes the two
+    contrast = osig.group_pair_contrast(planted, np.arange(10), np.arange(10, 25), np.arange(100, 250),
+                                        np.arange(250, 400), draws=100)
+    assert contrast["pair"] < -0.9 and abs(contrast["control"]) < 0.3 and contrast["low"] > 0.5
+    null = osig.group_pair_contrast(noise, np.arange(10), np.arange(10, 25), np.arange(100, 250), np.arange(250, 400),
+                                    draws=100)
+    assert null["low"] < 0 < null["high"]
+
+
+def planted_detection(class_signal, planted_fraction, lr, steps=200, planted_classes=(0, 2)):
+    """GD on planted images with an MLP; at each sharpness measurement after the crossing, the top movers, split
+    into up and down, tested against the class-matched null. Returns (fraction of significant pairs, precision:
+    planted share of the outliers in significant pairs, number of pairs, sky-probe outputs, losses, planted)."""
+    images, labels, planted = osig.make_planted_images(n=400, planted_classes=planted_classes, seed=0,
+                                                       planted_fraction=planted_fraction, class_signal=class_signal)
+    x, mean, std = osig.normalize(images)
+    torch.manual_seed(0)
+    model = osig.MLP(3072, 64, 2, 10)
+    probe = osig.uniform_probe((80, 150, 255), mean, std)
+    groups = osig.sharpness_measure(osig.mse_loss, x, labels, every=10, k=4, then=lambda step, m, values, vectors: {
+        "groups": osig.opposing_groups(m, osig.mse_loss, x, labels, lr, vectors, top=10, seed=step)})
+
+    def measure(step, model, optimizer):
+        with torch.no_grad():
+            output = model(probe)[0].numpy()
+        return dict(groups(step, model, optimizer) or {}, probe=output)
+
+    history = osig.train(model, x, labels, osig.mse_loss, torch.optim.SGD(model.parameters(), lr=lr), steps,
+                         measure=measure, log=None)
+    eig_step, eigenvalues = osig.measured(history, "eigenvalues")
+    first = osig.edge_of_stability(eig_step, eigenvalues[:, 0], lr)["first"]
+    losses, significant, precision = history["per_example_loss"].astype(np.float64), [], []
+    for m in history["measured"]:
+        if "groups" in m and first is not None and first <= m["step"] <= steps - 12:
+            g, step = m["groups"], m["step"]
+            outliers = np.zeros(len(labels), dtype=bool)
+            outliers[g["index"]] = True
+            r = osig.pair_significance(x, labels.numpy(), g["index"][g["loss_change"] > 0],
+                                       g["index"][g["loss_change"] <= 0], ~outliers, series=losses[step + 2:step + 42],
+                                       seed=step)
+            significant.append(r["coherence_p"] < 0.01 and r["antiphase_p"] < 0.01)
+            if significant[-1]:
+                precision.append((planted.numpy()[g["index"]] > 0).mean())
+    probes = np.stack([m["probe"] for m in history["measured"]])[first or 0:]
+    return (np.mean(significant), np.mean(precision) if precision else math.nan, len(significant), probes,
+            losses[first or 0:], planted.numpy())
+
+
+@pytest.mark.parametrize("class_signal, lr", [(5.0, 0.15), (30.0, 0.2)])
+def test_detector_finds_planted_pairs_when_class_evidence_competes(class_signal, lr):
+    fraction, precision, pairs, *_ = planted_detection(class_signal, 0.25, lr)
+    assert pairs >= 5 and fraction >= 0.5 and precision >= 0.8, (fraction, precision, pairs)
+
+
+@pytest.mark.parametrize("class_signal", [5.0, 30.0])
+def test_detector_abstains_on_unplanted_images(class_signal):
+    """Nothing planted: the top movers at the edge of stability share no feature beyond their classes."""
+    fraction, _, pairs, *_ = planted_detection(class_signal, 0.0, lr=0.25)
+    assert pairs >= 5 and fraction <= 0.2, (fraction, pairs)
+
+
+def test_sky_probe_moves_with_the_classes_that_carry_the_sky():
+    """The sky-coloured probe's preference between the two planted classes oscillates more than its preference
+    between two other classes; planting the sky on cats and dogs moves it there instead."""
+    def amplitude(probes, a, b):
+        return np.abs(np.diff(probes[:, a] - probes[:, b])).mean()
+
+    probes = planted_detection(5.0, 0.25, 0.15, steps=150)[3]
+    assert amplitude(probes, 0, 2) >= 2 * amplitude(probes, 3, 5)
+    probes = planted_detection(5.0, 0.25, 0.15, steps=150, planted_classes=(3, 5))[3]
+    assert amplitude(probes, 3, 5) >= amplitude(probes, 0, 2)
 
 
 # ----------------------------------------------------------------------------- the mechanism: linear model and toy network
