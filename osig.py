@@ -471,6 +471,31 @@ def power_iteration(matvec, dim, iters=1000, tol=1e-6, seed=0, v0=None, dtype=to
     return eigenvalue, v, False, iters
 
 
+def curvature_along(model, loss_fn, x, y, v, offsets, chunk=None):
+    """Curvature of the mean loss along a direction, away from the current point: vᵀ H(θ + t v) v for t in offsets.
+
+    v: a unit flat vector [P] (e.g. the top Hessian eigenvector); offsets: distances t in parameter units.
+    At t = 0 this is the Rayleigh quotient; the loss is quadratic along v over a range of t when the
+    values stay equal. Gradient descent that oscillates along v moves by about lr·|gᵀv| per step, so the
+    curvature at that offset is what its stability actually depends on. The parameters are restored
+    exactly. Returns float64 numpy [len(offsets)]. Needs `hvp`, `preserved`, `unflatten`.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    values = []
+    try:
+        for t in offsets:
+            with torch.no_grad():
+                for p, start, step in zip(params, saved, unflatten(v, params)):
+                    p.copy_(start + t * step)
+            values.append(float(v @ hvp(model, loss_fn, x, y, v, chunk)))
+    finally:
+        with torch.no_grad():
+            for p, start in zip(params, saved):
+                p.copy_(start)
+    return np.asarray(values)
+
+
 def top_eigenvalues(model, loss_fn, x, y, k=1, chunk=None, iters=100, tol=1e-3, seed=0, v0=None,
                     preconditioner=None):
     """Sharpness: the k largest eigenvalues of the Hessian H of the mean loss over (x, y).

@@ -305,7 +305,12 @@ def images_run(cfg, seed, device, log):
     def groups(step, model, eigenvalues, eigenvectors):
         found = osig.opposing_groups(model, loss_fn, x, y, cfg.lr, eigenvectors, top=cfg.top, seed=step)
         found.pop("loss_change_all")
-        return {"groups": found}
+        # the curvature along the top eigenvector one GD step away (train has just put the gradient in p.grad)
+        v = eigenvectors[:, 0]
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        reach = cfg.lr * abs(float(g @ v))
+        along = osig.curvature_along(model, loss_fn, x, y, v, (-reach, reach), cfg.chunk or None)
+        return {"groups": found, "step_curvature": along.mean()}
 
     sharpness = osig.sharpness_measure(loss_fn, x, y, cfg.eig_every, cfg.eig_k, cfg.chunk or None, then=groups)
     probes = probes.to(device)
@@ -410,7 +415,12 @@ def images_criteria(cfg, run, log):
     c.append(criterion("the sky probe tracks sky airplanes better than no-sky airplanes: |corr| difference",
                        tracking[0] - tracking[1], ">= 0.2", "choice", where=f"{tracking[0]:.2f} vs {tracking[1]:.2f}",
                        log=log))
-    analysis = dict(eos=eos, spikes=after, delta=delta, post=post, preference=preference, contrast=contrast,
+    _, step_curvature = osig.measured(history, "step_curvature")
+    ratio = step_curvature / eigenvalues[:len(step_curvature), 0]
+    after_crossing = eig_step[:len(step_curvature)] >= (first if reached else np.inf)
+    analysis = dict(step_curvature=(np.median(step_curvature[after_crossing]) * cfg.lr / 2 if after_crossing.any()
+                                    else nan, np.median(ratio[after_crossing]) if after_crossing.any() else nan),
+                    eos=eos, spikes=after, delta=delta, post=post, preference=preference, contrast=contrast,
                     significance=significance, eig_step=eig_step, eigenvalues=eigenvalues,
                     linearization=np.median([g["linearization_balanced_accuracy"] for _, g in post]) if post else nan,
                     pairs=osig.class_pairs(labels, [(g["index"][g["loss_change"] > 0], g["index"][g["loss_change"] <= 0])
@@ -430,6 +440,9 @@ def run_images(cfg, out, device, log=print):
         if analysis["eos"]["first"] is None:
             notes.append(f"seed {seed}: the run never reached the edge of stability, so every criterion that needs "
                          f"it is nan (not met): raise lr or steps")
+        notes.append(f"seed {seed}: after the crossing, the curvature along the top eigenvector one GD step away "
+                     f"(vᵀH(θ ± lr·|gᵀv|·v)v, averaged over ±) is a median {analysis['step_curvature'][0]:.2f} x 2/lr, "
+                     f"{analysis['step_curvature'][1]:.2f} x the sharpness at θ (1: quadratic at the step's scale)")
         notes.append(f"seed {seed}: linearization check (balanced accuracy of the gradient split's up/down "
                      f"prediction, a first-order Taylor identity, not evidence) {analysis['linearization']:.2f}; "
                      f"class pairs (majority class going up vs going down, over post-EoS selections): " +
