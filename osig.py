@@ -21,7 +21,9 @@ Read it top to bottom: each section uses only what came before it, in the paper'
   Appendix           downloading, checking and reading the CIFAR-10 files.
 
 Conventions. A `loss_fn` maps (outputs [B, C], labels [B]) to per-example losses [B]; the training
-objective is their mean over the training set. Flat parameter vectors concatenate
+objective is their mean over the training set. For a language model outputs are [B, T, C] and labels
+[B, T]: each (sequence, position) pair is one example, and per-example arrays are flat over B·T
+(example i·T + t is position t of sequence i). Flat parameter vectors concatenate
 `[p.reshape(-1) for p in model.parameters() if p.requires_grad]` in module order.
 
 Paste promise: every public function works when pasted into another project together with the
@@ -143,6 +145,61 @@ def make_planted_images(n=1000, num_classes=10, image_size=32, planted_classes=(
     images = images.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return images, labels.to(torch.int64), planted
 
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
+SHAKESPEARE_BYTES = 1115394
+
+
+def load_tiny_shakespeare(root=None, download=True):
+    """The tiny Shakespeare corpus (Shakespeare's plays, 1,115,394 characters), as one str.
+
+    Reads root/tinyshakespeare/input.txt (root: the argument, else $OSIG_DATA, else ./data). When it is
+    missing it downloads the file that character-level tutorials use (karpathy/char-rnn), checks its md5
+    and writes it atomically (`download_checked`, appendix). A file that is empty, truncated, not UTF-8
+    text or not the expected file (md5) raises DataError with one line that says how to fix it.
+    Needs `DataError`, `download_checked`.
+    """
+    root = Path(root or os.environ.get("OSIG_DATA") or "data").expanduser()
+    path = root / "tinyshakespeare" / "input.txt"
+    fix = f"delete it and put the file from {SHAKESPEARE_URL} there (or set OSIG_DATA to a folder holding " \
+          f"tinyshakespeare/input.txt)"
+    if not path.exists():
+        if not download:
+            raise DataError(f"tiny Shakespeare not found at {path}: put the file from {SHAKESPEARE_URL} there, or "
+                            f"set OSIG_DATA to a folder holding tinyshakespeare/input.txt")
+        download_checked(SHAKESPEARE_URL, path, SHAKESPEARE_MD5)
+    data = path.read_bytes()
+    if len(data) != SHAKESPEARE_BYTES:
+        what = "empty" if not data else f"{len(data):,} bytes, not {SHAKESPEARE_BYTES:,} (truncated or a different file)"
+        raise DataError(f"{path} is {what}: {fix}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not text ({error}): {fix}") from None
+    if hashlib.md5(data).hexdigest() != SHAKESPEARE_MD5:
+        raise DataError(f"{path} is corrupted (md5 {hashlib.md5(data).hexdigest()}, expected {SHAKESPEARE_MD5}): {fix}")
+    return text
+
+
+def encode_characters(text):
+    """Character-level tokens: the sorted distinct characters of `text` are the vocabulary (65 for tiny
+    Shakespeare), each character its index. Returns tokens int64 [len(text)] and the vocabulary (a str)."""
+    vocabulary = "".join(sorted(set(text)))
+    index = {character: i for i, character in enumerate(vocabulary)}
+    return torch.tensor([index[c] for c in text], dtype=torch.int64), vocabulary
+
+
+def text_sequences(tokens, n, context, seed=0):
+    """A fixed training set of n windows of the token stream at seeded random starts: inputs x [n, context] and
+    targets y [n, context] = the next token of each position (x shifted by one). Each (sequence, position)
+    pair is one example: y[i, t] is predicted from x[i, :t + 1]. Needs only torch."""
+    if not 0 < n or len(tokens) <= context + 1:
+        raise ValueError(f"need n >= 1 sequences and more than context + 1 = {context + 1} tokens")
+    starts = torch.randint(0, len(tokens) - context - 1, (n,), generator=torch.Generator().manual_seed(seed))
+    windows = torch.stack([tokens[s:s + context + 1] for s in starts.tolist()])
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
 # ----------------------------------------------------------------------------- 2. Models
 
 class MLP(nn.Module):
@@ -250,19 +307,23 @@ class LayerNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention written out (fused attention kernels have no double backward)."""
+    """Multi-head self-attention written out (fused attention kernels have no double backward); with
+    causal=True position t attends to positions <= t only, as a language model must."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, causal=False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):                                                  # x: [B, T, D]
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D // self.heads), dim=-1)
-        return self.proj((weights @ v).transpose(1, 2).reshape(B, T, D))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)
+        if self.causal:
+            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        return self.proj((torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, D))
 
 
 class ViT(nn.Module):
@@ -291,7 +352,33 @@ class ViT(nn.Module):
         return self.head(self.norm(h).mean(dim=1))
 
 
-# ----------------------------------------------------------------------------- 3. Losses
+class GPT(nn.Module):
+    """A small character-level GPT: token and learned position embeddings, pre-LN blocks of causal attention
+    and a GELU MLP (written out, so everything has a double backward), a final LayerNorm and a linear head.
+
+    forward: tokens int64 [B, T] -> logits [B, T, vocab_size]; the logits at position t predict token t + 1,
+    so each (sequence, position) pair is one example of the losses below.
+    """
+
+    def __init__(self, vocab_size=65, context=64, dim=64, depth=2, heads=4, mlp_ratio=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.position = nn.Parameter(0.02 * torch.randn(1, context, dim))
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            norm1=LayerNorm(dim), attention=Attention(dim, heads, causal=True), norm2=LayerNorm(dim),
+            mlp=nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))))
+            for _ in range(depth))
+        self.norm = LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size)
+
+    def forward(self, tokens):                                             # tokens: [B, T]
+        h = self.embed(tokens) + self.position[:, :tokens.shape[1]]
+        for block in self.blocks:
+            h = h + block["attention"](block["norm1"](h))
+            h = h + block["mlp"](block["norm2"](h))
+        return self.head(self.norm(h))
+
+
 # ----------------------------------------------------------------------------- 3. Losses
 
 def mse_loss(outputs, labels):
@@ -308,11 +395,13 @@ def mse_loss(outputs, labels):
 
 
 def cross_entropy_loss(outputs, labels):
-    """Per-example cross-entropy: -log softmax(outputs[i])[labels[i]]. [B, C], [B] -> [B]."""
+    """Per-example cross-entropy: -log softmax(outputs[i])[labels[i]]. [B, C], [B] -> [B]; [B, T, C], [B, T]
+    -> [B, T] for a language model."""
     if outputs.shape[:-1] != labels.shape:
         raise ValueError(f"cross_entropy_loss: outputs {tuple(outputs.shape)} and labels {tuple(labels.shape)} "
                          f"must describe the same examples (labels [B] for outputs [B, C])")
-    return F.cross_entropy(outputs, labels, reduction="none")
+    flat = F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), labels.reshape(-1), reduction="none")
+    return flat.view(labels.shape)
 
 
 def check_examples(x, y, outputs=None):
@@ -352,7 +441,8 @@ def hvp(model, loss_fn, x, y, v, chunk=None):
     """Hessian-vector product H v of the mean loss L = (1/N) Σ_i loss_fn(model(x), y)[i].
 
     v: flat vector [P] over the trainable parameters (module order). Computed chunk by chunk: each
-    chunk contributes d/dθ <∇θ (sum of its losses / N), v>, so the sum over chunks is exactly H v
+    chunk contributes d/dθ <∇θ (sum of its losses / N), v> (N: all examples, B·T for a language model),
+    so the sum over chunks is exactly H v
     whatever the chunk size (up to float rounding), for any model whose per-example losses do not
     depend on other examples. One product costs a forward, a backward and a double backward pass.
 
@@ -370,7 +460,8 @@ def hvp(model, loss_fn, x, y, v, chunk=None):
     result = [torch.zeros_like(p) for p in params]
     with preserved(model):
         for start in range(0, n, chunk):
-            loss = loss_fn(model(x[start:start + chunk]), y[start:start + chunk]).sum() / n
+            losses = loss_fn(model(x[start:start + chunk]), y[start:start + chunk])
+            loss = losses.sum() / (n * losses[0].numel())           # the mean over every example of every row
             grads = torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True)
             hv = torch.autograd.grad(grads, params, grad_outputs=directions, materialize_grads=True)
             for total, part in zip(result, hv):
@@ -545,7 +636,7 @@ def top_eigenvalues(model, loss_fn, x, y, k=1, chunk=None, iters=100, tol=1e-3, 
 # ----------------------------------------------------------------------------- 5. Per-example statistics
 
 def per_example_losses(model, loss_fn, x, y, chunk=1024):
-    """loss_fn(model(x), y) for every example, without gradients: [N].
+    """loss_fn(model(x), y) for every example, without gradients: [N] (flat over B·T for a language model).
 
     During full-batch training the step's own forward pass already gives these (see `train`); this
     is for other times. Buffers (BN running statistics) and mode are left unchanged.
@@ -553,7 +644,7 @@ def per_example_losses(model, loss_fn, x, y, chunk=1024):
     """
     check_examples(x, y)
     with preserved(model), torch.no_grad():
-        return torch.cat([loss_fn(model(x[s:s + chunk]), y[s:s + chunk]) for s in range(0, len(x), chunk)])
+        return torch.cat([loss_fn(model(x[s:s + chunk]), y[s:s + chunk]).reshape(-1) for s in range(0, len(x), chunk)])
 
 
 def evaluate(model, loss_fn, x, y, chunk=1024):
@@ -566,14 +657,15 @@ def evaluate(model, loss_fn, x, y, chunk=1024):
     return float(loss_fn(outputs, y).mean()), accuracy
 
 
-def per_example_grads(model, loss_fn, x, y, chunk=256):
+def per_example_grads(model, loss_fn, x, y, chunk=256, positions=None):
     """Gradient of each example's own loss: G[i] = ∇θ loss_fn(model(x[i:i+1]), y[i:i+1]), [N, P].
 
     torch.func: vmap over examples of grad of a functional_call, `chunk` examples at a time (the
     memory is chunk x P floats), written straight into one [N, P] matrix (for wide layers the
-    copies, not the arithmetic, dominate). Per-example gradients are undefined under batch
-    statistics, so a model with batch norm must be in eval mode. Columns follow the flat parameter
-    order. Needs only torch and numpy.
+    copies, not the arithmetic, dominate). For a language model (losses [B, T]) row i's example is
+    its position positions[i] (int [N]); without positions, the gradient of the row's summed losses.
+    Per-example gradients are undefined under batch statistics, so a model with batch norm must be
+    in eval mode. Columns follow the flat parameter order. Needs only torch and numpy.
     """
     from torch.func import functional_call, grad, vmap
     if model.training and any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) for m in model.modules()):
@@ -583,15 +675,20 @@ def per_example_grads(model, loss_fn, x, y, chunk=256):
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
 
-    def example_loss(params, xi, yi):
-        return loss_fn(functional_call(model, (params, buffers), (xi.unsqueeze(0),)), yi.unsqueeze(0)).sum()
+    def example_loss(params, xi, yi, ti):
+        losses = loss_fn(functional_call(model, (params, buffers), (xi.unsqueeze(0),)), yi.unsqueeze(0)).reshape(-1)
+        chosen = (torch.arange(len(losses), device=losses.device) == ti) | (ti < 0)     # ti = -1: all of the row
+        return (losses * chosen).sum()
 
-    grad_per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
+    grad_per_example = vmap(grad(example_loss), in_dims=(None, 0, 0, 0))
+    positions = torch.full((len(x),), -1) if positions is None else torch.as_tensor(positions)
+    positions = positions.to(x.device)
     sizes = [p.numel() for p in params.values()]
     first = next(iter(params.values()))
     result = torch.empty(len(x), sum(sizes), dtype=first.dtype, device=first.device)
     for start in range(0, len(x), chunk):
-        grads = grad_per_example(params, x[start:start + chunk], y[start:start + chunk])
+        grads = grad_per_example(params, x[start:start + chunk], y[start:start + chunk],
+                                 positions[start:start + chunk])
         for column, g in zip(np.cumsum([0] + sizes[:-1]), grads.values()):
             result[start:start + len(g), column:column + g[0].numel()] = g.reshape(len(g), -1)
     return result
@@ -605,7 +702,7 @@ def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, m
     Full batch (batch_size None): the gradient of L(θ) = (1/N) Σ_i ℓ_i(θ), accumulated over chunks of
         `chunk` examples (each adds ∇(Σ_chunk ℓ_i)/N, so the sum is the one-batch gradient). With
         torch.optim.SGD(lr) this is gradient descent θ ← θ − lr ∇L. The same forward pass gives every
-        example's loss ℓ_i(θ_t), kept as per_example_loss [T, N] at no extra cost.
+        example's loss ℓ_i(θ_t), kept as per_example_loss [T, N] at no extra cost (N = B·T' for a language model).
     Minibatch (batch_size B): each step uses the next B examples of a seeded reshuffle of (x, y), a
         new one each epoch; loss and accuracy are the minibatch's.
     clip_norm: rescale the gradient g to g · min(1, clip_norm / |g|) before the update.
@@ -638,8 +735,8 @@ def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, m
             for start in range(0, n, chunk):
                 chunk_outputs = model(x[start:start + chunk])
                 chunk_losses = loss_fn(chunk_outputs, y[start:start + chunk])
-                (chunk_losses.sum() / n).backward()
-                losses.append(chunk_losses.detach())
+                (chunk_losses.sum() / (n * chunk_losses[0].numel())).backward()
+                losses.append(chunk_losses.detach().reshape(-1))
                 outputs.append(chunk_outputs.detach().argmax(-1) if chunk_outputs.shape[-1] > 1 else None)
             losses = torch.cat(losses)
             history["per_example_loss"].append(losses.float().cpu())
@@ -816,6 +913,7 @@ def opposing_groups(model, loss_fn, x, y, lr, eigenvectors, top=30, seed=0):
     of opposing signals. Any sign split makes the two groups' mean gradients point apart, so the same
     rule is applied to `top` random non-outliers as the control of their cosine.
 
+    For a language model the examples are (sequence, position) pairs and `index` is flat over them.
     Returns a dict of numpy values: index [top] (by decreasing |Δℓ|), loss_change [top], projection
     [top], predicted_up bool [top], cos_subspace [top] = |Vᵀg_i| / |g_i|, linearization_balanced_accuracy,
     n_up / n_down (actual), group_mean_cosine and group_mean_cosine_random (cosine of the two predicted
@@ -824,21 +922,22 @@ def opposing_groups(model, loss_fn, x, y, lr, eigenvectors, top=30, seed=0):
     """
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
-        before = loss_fn(model(x), y)
+        before = loss_fn(model(x), y).reshape(-1)
     grads = torch.autograd.grad(loss_fn(model(x), y).mean(), params)
     saved = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, g in zip(params, grads):
             p -= lr * g
-        after = loss_fn(model(x), y)
+        after = loss_fn(model(x), y).reshape(-1)
         for p, s in zip(params, saved):
             p.copy_(s)
+    per_row = len(before) // len(x)                          # examples per input row: T for a language model
     flat_grad = torch.cat([g.reshape(-1) for g in grads])
     change = (after - before).double()
     order = torch.argsort(change.abs(), descending=True)
     outliers = order[:top]
     generator = torch.Generator().manual_seed(seed)
-    random = order[top:][torch.randperm(len(x) - top, generator=generator)[:top].to(order.device)]
+    random = order[top:][torch.randperm(len(before) - top, generator=generator)[:top].to(order.device)]
     V = eigenvectors.to(flat_grad.dtype)
     coefficients = V.T @ flat_grad
     u = V @ (coefficients / coefficients.norm().clamp_min(1e-30))
@@ -850,8 +949,11 @@ def opposing_groups(model, loss_fn, x, y, lr, eigenvectors, top=30, seed=0):
             return up, math.nan
         return up, float(F.cosine_similarity(g[up].mean(0), g[~up].mean(0), dim=0))
 
-    g_out, g_random = per_example_grads(model, loss_fn, x[outliers], y[outliers]), \
-        per_example_grads(model, loss_fn, x[random], y[random])
+    def grads_of(index):
+        rows, positions = index // per_row, index % per_row
+        return per_example_grads(model, loss_fn, x[rows], y[rows], positions=positions if per_row > 1 else None)
+
+    g_out, g_random = grads_of(outliers), grads_of(random)
     predicted_up, group_cosine = split(g_out)
     _, random_cosine = split(g_random)
     actual_up = change[outliers] > 0
@@ -1719,6 +1821,27 @@ def cifar10_folder(root, download=True):
             path.unlink() if path.is_file() else path.rmdir()
         staging.rmdir()
     return folder
+
+
+def download_checked(url, path, md5):
+    """Download `url` to `path`: into path.part, md5-checked, then renamed into place, so that `path` is either
+    absent or complete and correct. Raises DataError (no network, or a wrong file) naming the fix.
+    Needs `DataError`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as f:
+            while block := response.read(1 << 20):
+                f.write(block)
+        digest = hashlib.md5(partial.read_bytes()).hexdigest()
+        if digest != md5:
+            raise DataError(f"the download of {url} is corrupted (md5 {digest}, expected {md5}): try again")
+        os.replace(partial, path)
+    except OSError as error:
+        raise DataError(f"{path} is missing and the download from {url} failed ({error}): put the file there "
+                        f"yourself, or set OSIG_DATA to a folder that holds it") from None
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 class CifarUnpickler(pickle.Unpickler):

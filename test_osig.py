@@ -105,6 +105,53 @@ def test_curvature_along_matches_dense_hessians_at_displaced_points():
     assert abs(values[2] - values[0]) > 1e-3 * abs(values[0])                  # a network is not quadratic
 
 
+def tiny_gpt():
+    torch.manual_seed(0)
+    model = osig.GPT(vocab_size=7, context=5, dim=8, depth=1, heads=2, mlp_ratio=2).double()
+    x = torch.randint(0, 7, (3, 5))
+    return model, x, torch.randint(0, 7, (3, 5))
+
+
+def test_gpt_is_causal_and_its_hvp_matches_the_dense_hessian_over_token_examples():
+    model, x, y = tiny_gpt()
+    changed = x.clone()
+    changed[:, 3:] = (changed[:, 3:] + 1) % 7
+    assert torch.equal(model(x)[:, :3], model(changed)[:, :3]) and not torch.equal(model(x)[:, 3:], model(changed)[:, 3:])
+    assert osig.cross_entropy_loss(model(x), y).shape == (3, 5)
+    H = dense_hessian(model, osig.cross_entropy_loss, x, y)              # of the mean over all 15 token examples
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    for chunk in (None, 1, 2):
+        result = osig.hvp(model, osig.cross_entropy_loss, x, y, v, chunk=chunk)
+        assert torch.linalg.norm(result - H @ v) / torch.linalg.norm(H @ v) < 1e-10
+    top = osig.top_eigenvalues(model, osig.cross_entropy_loss, x, y, k=2, iters=200, tol=1e-10)[0].numpy()
+    assert np.allclose(top, np.sort(np.linalg.eigvalsh(H.numpy()))[::-1][:2], rtol=1e-7)
+
+
+def test_token_examples_per_example_grads_losses_and_gd_step():
+    model, x, y = tiny_gpt()
+    positions = torch.tensor([0, 4, 2])
+    grads = osig.per_example_grads(model, osig.cross_entropy_loss, x, y, positions=positions)
+    for i, t in enumerate(positions.tolist()):
+        model.zero_grad()
+        osig.cross_entropy_loss(model(x[i:i + 1]), y[i:i + 1])[0, t].backward()
+        reference = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        assert torch.linalg.norm(grads[i] - reference) / torch.linalg.norm(reference) < 1e-10
+    losses = osig.per_example_losses(model, osig.cross_entropy_loss, x, y)
+    assert losses.shape == (15,) and torch.allclose(losses.view(3, 5), osig.cross_entropy_loss(model(x), y))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.zero_grad()
+    osig.cross_entropy_loss(model(x), y).mean().backward()
+    expected = flat_params(model) - 0.1 * torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    model.load_state_dict(state)
+    history = osig.train(model, x, y, osig.cross_entropy_loss, gd(model), 1, chunk=2, log=None)
+    assert torch.allclose(flat_params(model), expected, atol=1e-13) and history["per_example_loss"].shape == (1, 15)
+    model.load_state_dict(state)
+    vectors = osig.top_eigenvalues(model, osig.cross_entropy_loss, x, y, k=2)[1]
+    found = osig.opposing_groups(model, osig.cross_entropy_loss, x, y, 0.1, vectors, top=4)
+    actual = osig.train(model, x, y, osig.cross_entropy_loss, gd(model), 2, log=None)["per_example_loss"]
+    assert np.allclose(found["loss_change_all"], actual[1] - actual[0], atol=1e-6)
+
+
 def test_hvp_matches_finite_differences_float32():
     torch.manual_seed(1)
     model = osig.MLP(in_features=12, width=16, depth=2, num_classes=3, activation="tanh")
@@ -436,6 +483,35 @@ def test_cifar_loader_errors(tmp_path, monkeypatch):
             pickle.dump(batch, f)
         with pytest.raises(osig.DataError, match="data_batch_2.*not a CIFAR-10 batch"):
             osig.load_cifar10(folder)
+
+
+def test_tiny_shakespeare_loader_checks_its_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(osig, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    with pytest.raises(osig.DataError, match="download from http://127.0.0.1:9/input.txt failed"):
+        osig.load_tiny_shakespeare(tmp_path / "offline")
+    assert not list((tmp_path / "offline").rglob("*.part"))
+    with pytest.raises(osig.DataError, match="not found"):
+        osig.load_tiny_shakespeare(tmp_path / "none", download=False)
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 30000
+    good = text[:osig.SHAKESPEARE_BYTES]
+    for name, data, message in (("empty", b"", "is empty"), ("short", good[:1000].encode(), "truncated"),
+                                ("binary", b"\xff\xfe" * (osig.SHAKESPEARE_BYTES // 2), "not text"),
+                                ("other", good.encode(), "md5")):
+        path = tmp_path / name / "tinyshakespeare" / "input.txt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+        with pytest.raises(osig.DataError, match=message):
+            osig.load_tiny_shakespeare(tmp_path / name)
+
+
+@pytest.mark.skipif(not os.environ.get("OSIG_DATA"), reason="set OSIG_DATA to a folder with tinyshakespeare/input.txt")
+def test_real_tiny_shakespeare():
+    text = osig.load_tiny_shakespeare(download=False)
+    tokens, vocabulary = osig.encode_characters(text)
+    assert len(text) == 1115394 and len(vocabulary) == 65 and text.startswith("First Citizen")
+    x, y = osig.text_sequences(tokens, 8, 32, seed=1)
+    assert x.shape == y.shape == (8, 32) and torch.equal(x[:, 1:], y[:, :-1])
+    assert "".join(vocabulary[i] for i in x[0]) in text
 
 
 class Payload:
