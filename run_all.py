@@ -157,18 +157,20 @@ PROFILES = {
                                        clip_lrs=(0.01, 0.03), split_lrs=(0.01, 0.03), curve_every=10, eig_every=30,
                                        eig_examples=200, top=10, window=8, seeds=(0, 1)),
     },
-    # one GPU: full-size networks; the whole profile is meant to take under 10 minutes on an H200
+    # one GPU: full-size networks; the whole profile is meant to take under 10 minutes on an H200. The VGG-11 and
+    # ResNet-18 settings come from a calibration on CPU (widths 16-64, n 16-1,024): with their small-output init
+    # the sharpness starts near 10-14, 0.25-0.35 of 2/lr = 40, and rises 3-5x to 2/lr within 60-125 steps there.
     "gpu": {
         "linear": LinearConfig(),
         "toy": ToyConfig(),
         "toy_ce": ToyConfig(loss="ce", offset=0.75, hidden_bias=0.3, lr=0.2),
-        "cifar_mse": ImagesConfig(model="vgg11", width=64, n_train=2500, lr=0.05, steps=1500, eig_every=25,
-                                  eig_k=4, eos_by=1000),
-        "resnet18": ImagesConfig(model="resnet18", width=64, n_train=2500, lr=0.05, steps=1500, eig_every=25,
-                                 eig_k=4, eos_by=1000),
-        "cifar_ce": ImagesConfig(model="vit", width=128, depth=4, loss="ce", n_train=2500, lr=0.05, steps=1000,
-                                 eig_every=25, eig_k=1, eos_by=600),
-        "optimizers": OptimizersConfig(model="vit", width=128, depth=4, n_train=5000, steps=1500,
+        "cifar_mse": ImagesConfig(model="vgg11", width=64, n_train=2000, lr=0.05, steps=1000, eig_every=25,
+                                  eig_k=4, eos_by=600),
+        "resnet18": ImagesConfig(model="resnet18", width=32, n_train=2000, lr=0.05, steps=1000, eig_every=25,
+                                 eig_k=4, eos_by=600),
+        "cifar_ce": ImagesConfig(model="vit", width=128, depth=4, loss="ce", n_train=2000, lr=0.05, steps=800,
+                                 eig_every=25, eig_k=1, eos_by=400),
+        "optimizers": OptimizersConfig(model="vit", width=128, depth=4, n_train=2500, steps=1000,
                                        sgd_lrs=(0.03, 0.1, 0.3), adam_lrs=(3e-4, 1e-3, 3e-3), clip_lrs=(0.03, 0.1, 0.3),
                                        split_lrs=(0.03, 0.1, 0.3), eig_every=100, eig_examples=1000, top=80,
                                        record_every=5, seeds=(0,)),
@@ -342,6 +344,14 @@ def images_criteria(cfg, run, log):
                        log=log))
     c.append(criterion("median |sharpness / (2/lr) - 1| from the crossing on", eos["hover"], "<= 0.15",
                        "paper (hover at 2/lr); tolerance: choice", log=log))
+    _, step_curvature = osig.measured(history, "step_curvature")
+    ratio = step_curvature / eigenvalues[:len(step_curvature), 0]
+    after_crossing = eig_step[:len(step_curvature)] >= (first if reached else np.inf)
+    step_scale = (np.median(step_curvature[after_crossing]) * cfg.lr / 2, np.median(ratio[after_crossing])) \
+        if after_crossing.any() else (nan, nan)
+    c.append(criterion("median |curvature along the top eigenvector one GD step away / (2/lr) - 1| from the crossing on",
+                       abs(step_scale[0] - 1), "<= 0.15", "paper (hover at 2/lr); tolerance: the hover's",
+                       where=f"{step_scale[0]:.2f} x 2/lr, {step_scale[1]:.2f} x the sharpness at the iterate", log=log))
     spikes = osig.loss_spikes(history["loss"])
     after = spikes[spikes[:, 0] >= first] if reached else spikes[:0]
     c.append(criterion("loss spike events after the crossing (runs of loss > 1.1 x min of previous 20 steps)",
@@ -415,12 +425,7 @@ def images_criteria(cfg, run, log):
     c.append(criterion("the sky probe tracks sky airplanes better than no-sky airplanes: |corr| difference",
                        tracking[0] - tracking[1], ">= 0.2", "choice", where=f"{tracking[0]:.2f} vs {tracking[1]:.2f}",
                        log=log))
-    _, step_curvature = osig.measured(history, "step_curvature")
-    ratio = step_curvature / eigenvalues[:len(step_curvature), 0]
-    after_crossing = eig_step[:len(step_curvature)] >= (first if reached else np.inf)
-    analysis = dict(step_curvature=(np.median(step_curvature[after_crossing]) * cfg.lr / 2 if after_crossing.any()
-                                    else nan, np.median(ratio[after_crossing]) if after_crossing.any() else nan),
-                    eos=eos, spikes=after, delta=delta, post=post, preference=preference, contrast=contrast,
+    analysis = dict(eos=eos, spikes=after, delta=delta, post=post, preference=preference, contrast=contrast,
                     significance=significance, eig_step=eig_step, eigenvalues=eigenvalues,
                     linearization=np.median([g["linearization_balanced_accuracy"] for _, g in post]) if post else nan,
                     pairs=osig.class_pairs(labels, [(g["index"][g["loss_change"] > 0], g["index"][g["loss_change"] <= 0])
@@ -440,9 +445,6 @@ def run_images(cfg, out, device, log=print):
         if analysis["eos"]["first"] is None:
             notes.append(f"seed {seed}: the run never reached the edge of stability, so every criterion that needs "
                          f"it is nan (not met): raise lr or steps")
-        notes.append(f"seed {seed}: after the crossing, the curvature along the top eigenvector one GD step away "
-                     f"(vᵀH(θ ± lr·|gᵀv|·v)v, averaged over ±) is a median {analysis['step_curvature'][0]:.2f} x 2/lr, "
-                     f"{analysis['step_curvature'][1]:.2f} x the sharpness at θ (1: quadratic at the step's scale)")
         notes.append(f"seed {seed}: linearization check (balanced accuracy of the gradient split's up/down "
                      f"prediction, a first-order Taylor identity, not evidence) {analysis['linearization']:.2f}; "
                      f"class pairs (majority class going up vs going down, over post-EoS selections): " +
@@ -1157,12 +1159,16 @@ def constant_loss(labels, loss):
     return float(0.5 * (1 - (p ** 2).sum())) if loss == "mse" else float(-(p[p > 0] * np.log(p[p > 0])).sum())
 
 
-def preflight(name, cfg, device, n=32, steps=100, log=print):
+def preflight(name, cfg, device, n=16, steps=100, log=print):
     """A dead configuration, caught in seconds on any device: full-batch steps of the experiment's own model,
-    loss and step size on n CIFAR-10 images (planted ones without it). It passes when the final loss is at
-    most 0.8 x the best constant prediction's (`constant_loss`) and the sharpness at the end is at least
-    1.5x its value at step 0 (both targets our choice). Optimizer studies are checked with SGD and Adam at the
-    middle of their grids. Returns a list of (label, passed, message)."""
+    loss and step size on n CIFAR-10 images (planted ones without it). It passes when the mean loss of the
+    last 20 steps is at most 0.8 x the best constant prediction's (`constant_loss`; the mean, because a
+    healthy run can be mid-spike at its last step) and the sharpness, measured every 25 steps, reaches at
+    least 1.5x its value at step 0 (targets: our choice; a calibration on CPU found the dead VGG-11 init flat
+    at 1.00x and the constant predictor's loss, the working settings at 1.8-7.2x and 0.005-0.6x).
+    Optimizer studies are checked with SGD and Adam at the middle of their grids, on the loss only: they do
+    not rely on progressive sharpening, and under cross-entropy a memorized subset's sharpness falls as the
+    margins grow. Returns a list of (label, passed, message)."""
     try:
         images, labels, _ = load_images(cfg.data, n, 0)
     except osig.DataError:
@@ -1177,17 +1183,20 @@ def preflight(name, cfg, device, n=32, steps=100, log=print):
             make_optimizer(optimizer_name, model, lr, cfg)
         start = time.time()
         history = osig.train(model, x, y, loss_fn, optimizer, steps, measure=osig.sharpness_measure(
-            loss_fn, x, y, every=steps // 4, iters=30), log=None)
+            loss_fn, x, y, every=25, iters=20, tol=1e-2), log=None)
         sharpness = osig.measured(history, "eigenvalues")[1][:, 0]
-        baseline, final = constant_loss(labels, cfg.loss), history["loss"][-1]
-        rise = sharpness[-1] / sharpness[0] if len(sharpness) > 1 and sharpness[0] > 0 else math.nan
-        passed = history["diverged"] is None and final <= 0.8 * baseline and rise >= 1.5
+        baseline, final = constant_loss(labels, cfg.loss), float(np.mean(history["loss"][-20:]))
+        rise = sharpness.max() / sharpness[0] if len(sharpness) > 1 and sharpness[0] > 0 else math.nan
+        sharpens = rise >= 1.5 or optimizer_name != "gd"
+        passed = history["diverged"] is None and final <= 0.8 * baseline and sharpens
         message = (f"{name} ({cfg.model}, {cfg.loss}, {optimizer_name} lr {lr:g}, {n} images, {steps} steps, "
-                   f"{time.time() - start:.0f}s): loss {history['loss'][0]:.3f} -> {final:.3f} (constant predictor "
-                   f"{baseline:.3f}), sharpness {sharpness[0]:.3g} -> {sharpness[-1]:.3g} (x{rise:.2f})"
+                   f"{time.time() - start:.0f}s): loss {history['loss'][0]:.3f} -> {final:.3f} over the last 20 steps "
+                   f"(constant predictor {baseline:.3f}), sharpness {sharpness[0]:.3g} -> max {sharpness.max():.3g} "
+                   f"(x{rise:.2f})"
                    + ("" if passed else " -- FAILS: " + (history["diverged"] or ("the loss does not fall below 0.8 x "
                       "the constant predictor's: the network does not learn at this init and lr"
-                      if final > 0.8 * baseline else "the sharpness does not rise 1.5x: no progressive sharpening"))))
+                      if final > 0.8 * baseline else "the sharpness does not rise 1.5x: no progressive sharpening "
+                      "at this init and lr"))))
         log(("  preflight ok   | " if passed else "  preflight FAIL | ") + message)
         results.append((f"{name}/{optimizer_name}", passed, message))
     return results

@@ -1251,6 +1251,17 @@ def test_run_all_rejects_bad_arguments_before_any_work(tmp_path, capsys):
         assert len(error.splitlines()[-1]) < 300
 
 
+def test_gpu_profile_preflight_passes_on_the_cpu_and_catches_the_dead_vgg_init(monkeypatch, capsys):
+    """Every GPU-profile setting learns and sharpens in 100 steps on 16 images; VGG-11 with PyTorch's default
+    init (what the GPU profile first shipped) does neither, and the preflight says so."""
+    import run_all
+    assert run_all.main(["--profile", "gpu", "--device", "cpu", "--preflight"]) == 0
+    assert "preflight: 5/5 passed" in capsys.readouterr().out
+    monkeypatch.setattr(osig, "small_output_init", lambda model, *args, **kwargs: model)
+    (label, passed, message), = run_all.preflight("cifar_mse", run_all.PROFILES["gpu"]["cifar_mse"], "cpu", log=print)
+    assert not passed and "does not learn" in message
+
+
 def test_criterion_parses_targets_and_never_meets_nan():
     import run_all
     quiet = dict(log=lambda *a: None)
