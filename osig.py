@@ -1629,12 +1629,13 @@ def stability_threshold(optimizer):
     raise ValueError(f"no stability threshold known for {type(optimizer).__name__}: use SGD, Adam or SplitSGD")
 
 
-def parameter_layers(model):
+def parameter_layers(model, within_blocks=False):
     """Group the trainable parameter tensors into layers, in module order.
 
     A tensor's layer is its name up to and including the first all-digit component ("net.1.weight"
-    -> "net.1", "blocks.2.attention.qkv.weight" -> "blocks.2": a whole transformer or residual block),
-    else its name without the last component ("embed.weight" -> "embed", "position" -> "position").
+    -> "net.1", "blocks.2.attention.qkv.weight" -> "blocks.2": a whole transformer or residual block;
+    with within_blocks, one component more: "blocks.2.attention", "blocks.2.mlp"), else its name without
+    the last component ("embed.weight" -> "embed", "position" -> "position").
     Returns (layer names [L] in order of first appearance, layer index of each tensor int64 [n_tensors],
     number of entries of each tensor int64 [n_tensors]).
     """
@@ -1644,7 +1645,8 @@ def parameter_layers(model):
             continue
         parts = name.split(".")
         digit = next((i for i, part in enumerate(parts) if part.isdigit()), None)
-        layer = ".".join(parts[:digit + 1]) if digit is not None else (".".join(parts[:-1]) or name)
+        end = None if digit is None else min(digit + 1 + within_blocks, len(parts) - 1)
+        layer = ".".join(parts[:end]) if digit is not None else (".".join(parts[:-1]) or name)
         if layer not in names:
             names.append(layer)
         index.append(names.index(layer))
@@ -1652,23 +1654,23 @@ def parameter_layers(model):
     return names, np.asarray(index, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
 
 
-def layer_shares(vector, model):
+def layer_shares(vector, model, within_blocks=False):
     """Share of a flat parameter vector's squared norm in each layer: |v_layer|² / |v|², [L], sums to 1.
 
     vector [P] in the flat parameter order (e.g. the top Hessian eigenvector). For comparison, a random
     isotropic vector puts the layer's parameter count / P there (`parameter_shares`): divide by it to
     see which layers hold more of the vector than their size. Needs `parameter_layers`.
     """
-    names, index, sizes = parameter_layers(model)
+    names, index, sizes = parameter_layers(model, within_blocks)
     squared = [float(part.double().pow(2).sum()) for part in torch.split(vector.reshape(-1), sizes.tolist())]
     shares = np.bincount(index, weights=squared, minlength=len(names))
     return shares / max(shares.sum(), 1e-300)
 
 
-def parameter_shares(model):
+def parameter_shares(model, within_blocks=False):
     """Each layer's share of the trainable parameters [L] (`parameter_layers`' grouping): what a random
     isotropic direction puts in each layer, the baseline for `layer_shares`. Needs `parameter_layers`."""
-    names, index, sizes = parameter_layers(model)
+    names, index, sizes = parameter_layers(model, within_blocks)
     return np.bincount(index, weights=sizes, minlength=len(names)) / sizes.sum()
 
 

@@ -98,13 +98,35 @@ class ImagesConfig:
 
 
 @dataclass
+class TextConfig:
+    """Full-batch GD on a fixed set of tiny Shakespeare sequences with a small character-level GPT: the image
+    experiments' criteria, then the features that carry the outliers, a feature-defined opposing pair and where
+    the sharp direction lives. Each (sequence, position) prediction is one example."""
+    n_sequences: int = 128
+    context: int = 64               # characters per sequence
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    lr: float = 0.15                # calibration (CPU, this model): the sharpness rises from 1.5 through 6 at step
+                                    # 40 to 2/lr; at lr 0.1 it reaches 18.6 of 20 by step 560
+    steps: int = 750
+    eig_every: int = 20
+    eig_k: int = 1
+    top: int = 60                   # token outliers per selection
+    chunk: int = 0
+    seed: int = 0
+    eos_by: int = 500
+
+
+@dataclass
 class OptimizersConfig:
     """SGD with momentum, Adam, clipped SGD and split-update SGD, each at its best step size from a grid with
     the same step budget; then opposing-group oscillations, (preconditioned) sharpness against each optimizer's
     threshold, and where the top Hessian eigenvector lives. SGD, Adam and split are rerun on `seeds`."""
-    data: str = "cifar10"
-    n_train: int = 5000
-    n_test: int = 10000             # test images for the final accuracy (CIFAR-10 test set; planted: held out)
+    data: str = "cifar10"           # "cifar10", "planted" or "shakespeare" (sequences of characters, model "gpt")
+    n_train: int = 5000             # images, or sequences of `context` characters
+    n_test: int = 10000             # test images (CIFAR-10 test set; planted: held out) or held-out sequences
+    context: int = 64               # text: characters per sequence
     model: str = "mlp"
     width: int = 200
     depth: int = 2
@@ -131,6 +153,11 @@ class OptimizersConfig:
 
 
 CPU_IMAGES = ImagesConfig(seeds=(0, 1, 2))
+# minibatch training of the text GPT: 128 sequences of 64 characters (8,192 token examples), 16 per batch
+TEXT_OPTIMIZERS = OptimizersConfig(data="shakespeare", model="gpt", width=64, depth=2, n_train=128, n_test=64, context=64,
+                                   steps=600, batch_size=16, sgd_lrs=(0.03, 0.1, 0.3, 1.0), adam_lrs=(3e-4, 1e-3, 3e-3, 1e-2),
+                                   clip_lrs=(0.03, 0.1, 0.3, 1.0), split_lrs=(0.03, 0.1, 0.3, 1.0), curve_every=50,
+                                   record_every=5, eig_every=100, eig_examples=32, top=40, window=20)
 PROFILES = {
     # laptop CPU, real CIFAR-10: about 25 minutes on 2 cores
     "cpu": {
@@ -142,6 +169,8 @@ PROFILES = {
         "cifar_ce": dataclasses.replace(CPU_IMAGES, activation="tanh", loss="ce", lr=0.05, steps=700, eig_k=1,
                                         eos_by=500, seeds=(0,)),
         "optimizers": OptimizersConfig(),
+        "text_gd": TextConfig(),
+        "text_optimizers": TEXT_OPTIMIZERS,
     },
     # seconds on synthetic planted images: used by the tests
     "smoke": {
@@ -156,6 +185,13 @@ PROFILES = {
                                        batch_size=32, sgd_lrs=(0.01, 0.03), adam_lrs=(3e-4, 1e-3),
                                        clip_lrs=(0.01, 0.03), split_lrs=(0.01, 0.03), curve_every=10, eig_every=30,
                                        eig_examples=200, top=10, window=8, seeds=(0, 1)),
+        # the text experiments read tiny Shakespeare (skipped without it): a few thousand characters
+        "text_gd": TextConfig(n_sequences=24, context=32, dim=32, depth=1, heads=2, lr=0.5, steps=150, eig_every=10,
+                              top=20, eos_by=150),
+        "text_optimizers": dataclasses.replace(TEXT_OPTIMIZERS, width=32, depth=1, n_train=24, n_test=8, context=32,
+                                               steps=60, batch_size=4, sgd_lrs=(0.1, 0.3), adam_lrs=(1e-3, 3e-3),
+                                               clip_lrs=(0.1, 0.3), split_lrs=(0.1, 0.3), curve_every=10, record_every=3,
+                                               eig_every=30, eig_examples=8, top=10, window=6, seeds=(0, 1)),
     },
     # one GPU: full-size networks; the whole profile is meant to take under 10 minutes on an H200. The VGG-11 and
     # ResNet-18 settings come from a calibration on CPU (widths 16-64, n 16-1,024): with their small-output init
@@ -285,7 +321,9 @@ def build_model(cfg, in_shape, seed, num_classes=10):
         return osig.ResNet18(num_classes, cfg.width, batch_norm=False)
     if cfg.model == "vit":
         return osig.ViT(num_classes, image_size=in_shape[-1], dim=cfg.width, depth=cfg.depth)
-    raise ValueError(f"unknown model {cfg.model!r}: use mlp, cnn, vgg11, resnet18 or vit")
+    if cfg.model == "gpt":
+        return osig.GPT(num_classes, cfg.context, cfg.width, cfg.depth)
+    raise ValueError(f"unknown model {cfg.model!r}: use mlp, cnn, vgg11, resnet18, vit or gpt")
 
 
 # ----------------------------------------------------------------------------- experiment: images (cifar_mse, cifar_ce, ...)
@@ -328,9 +366,11 @@ def images_run(cfg, seed, device, log):
                 sky_rgb=sky_rgb.numpy(), planted=None if planted is None else planted.numpy(), features=x.cpu())
 
 
-def images_criteria(cfg, run, log):
-    """Every criterion of one run (nan, so not met, where the run gives nothing to measure) and its analysis."""
-    history, labels, nan = run["history"], run["labels"], math.nan
+def gd_criteria(cfg, history, log):
+    """The criteria every full-batch GD experiment shares (nan, so not met, where the run gives nothing to
+    measure): progressive sharpening to 2/lr and the hover there, spikes, the heavy tail of loss changes, and the
+    opposing groups' alignment, gradient split and anti-phase, each against its control. Returns (criteria, analysis)."""
+    nan = math.nan
     losses = history["per_example_loss"].astype(np.float64)
     eig_step, eigenvalues = osig.measured(history, "eigenvalues")
     eos = osig.edge_of_stability(eig_step, eigenvalues[:, 0], cfg.lr)
@@ -386,6 +426,21 @@ def images_criteria(cfg, run, log):
                        np.nanmedian(antiphase[:, 0] - antiphase[:, 1]) if post else nan, "<= -0.6", "choice",
                        where=f"selected {np.nanmedian(antiphase[:, 0]) if post else nan:.2f}, random split "
                        f"{np.nanmedian(antiphase[:, 1]) if post else nan:.2f}", log=log))
+    return c, dict(eos=eos, first=first, reached=reached, spikes=after, delta=delta, post=post, losses=losses,
+                   window=slice(first, len(losses)) if reached else slice(0, 0), eig_step=eig_step,
+                   eigenvalues=eigenvalues, linearization=np.median([g["linearization_balanced_accuracy"]
+                                                                      for _, g in post]) if post else nan)
+
+
+def image_criteria(cfg, run, a, log):
+    """The image-only criteria: opposing pairs against the class-matched null, planted precision, the sky pair
+    against size-matched no-sky pairs, and the sky probe against grey and green probes. Returns criteria and
+    adds the probe preferences, the sky contrast and the class pairs to the analysis `a`."""
+    history, labels, losses, post, window, reached, nan = (run["history"], run["labels"], a["losses"], a["post"],
+                                                            a["window"], a["reached"], math.nan)
+    c = []
+
+
     significance = []
     for s, g in post[::max(1, len(post) // 10)]:         # at most about 10 selections: 200 null draws each
         outliers = np.zeros(len(labels), dtype=bool)
@@ -403,7 +458,6 @@ def images_criteria(cfg, run, log):
     if run["planted"] is not None:
         precision = np.mean(np.concatenate([run["planted"][g["index"]] > 0 for _, g in post])) if post else nan
         c.append(criterion("precision: post-EoS outliers that are planted", precision, ">= 0.9", "choice", log=log))
-    window = slice(first, len(losses)) if reached else slice(0, 0)
     planes, others = labels == AIRPLANE, np.isin(labels, (BIRD, SHIP))
     sky, no_sky = run["sky"], run["no_sky"]
     contrast = osig.group_pair_contrast(losses[window], sky & planes, sky & others, no_sky & planes,
@@ -425,12 +479,10 @@ def images_criteria(cfg, run, log):
     c.append(criterion("the sky probe tracks sky airplanes better than no-sky airplanes: |corr| difference",
                        tracking[0] - tracking[1], ">= 0.2", "choice", where=f"{tracking[0]:.2f} vs {tracking[1]:.2f}",
                        log=log))
-    analysis = dict(eos=eos, spikes=after, delta=delta, post=post, preference=preference, contrast=contrast,
-                    significance=significance, eig_step=eig_step, eigenvalues=eigenvalues,
-                    linearization=np.median([g["linearization_balanced_accuracy"] for _, g in post]) if post else nan,
-                    pairs=osig.class_pairs(labels, [(g["index"][g["loss_change"] > 0], g["index"][g["loss_change"] <= 0])
-                                                    for _, g in post], osig.CIFAR10_CLASSES))
-    return c, analysis
+    a.update(preference=preference, contrast=contrast, pairs=osig.class_pairs(
+        labels, [(g["index"][g["loss_change"] > 0], g["index"][g["loss_change"] <= 0]) for _, g in post],
+        osig.CIFAR10_CLASSES))
+    return c
 
 
 def run_images(cfg, out, device, log=print):
@@ -438,7 +490,8 @@ def run_images(cfg, out, device, log=print):
     per_seed, notes = [], []
     for seed in cfg.seeds:
         run = images_run(cfg, seed, device, log)
-        criteria, analysis = images_criteria(cfg, run, log)
+        criteria, analysis = gd_criteria(cfg, run["history"], log)
+        criteria += image_criteria(cfg, run, analysis, log)
         per_seed.append(criteria)
         if run["history"]["diverged"]:
             notes.append(f"seed {seed}: {run['history']['diverged']}")
@@ -899,6 +952,153 @@ def run_toy(cfg, out, device, log=print):
     return {"criteria": criteria, "figures": ["toy.png"], "summary": summary}
 
 
+# ----------------------------------------------------------------------------- experiment: text_gd
+
+def token_features(x, y, vocabulary):
+    """Named boolean features of every token example (sequence i, position t), flat over B·T: its target
+    character ("target 'e'") and its input, the previous character ("after ' '", "after '\\n'").
+    Returns {name: bool numpy [B·T]}."""
+    inputs, targets = x.reshape(-1).numpy(), y.reshape(-1).numpy()
+    features = {f"target {vocabulary[c]!r}": targets == c for c in np.unique(targets)}
+    features.update({f"after {vocabulary[c]!r}": inputs == c for c in np.unique(inputs)})
+    return features
+
+
+def text_run(cfg, seed, device, log):
+    """One full-batch GD run of the GPT on fixed tiny Shakespeare sequences: the history with the opposing
+    groups, the step-scale curvature and the top eigenvector's layer shares at every sharpness measurement."""
+    tokens, vocabulary = osig.encode_characters(osig.load_tiny_shakespeare())
+    x, y = osig.text_sequences(tokens, cfg.n_sequences, cfg.context, seed=seed)
+    torch.manual_seed(seed)
+    model = osig.GPT(len(vocabulary), cfg.context, cfg.dim, cfg.depth, cfg.heads).to(device)
+    loss_fn, xd, yd = osig.cross_entropy_loss, x.to(device), y.to(device)
+    log(f"  seed {seed}: {cfg.n_sequences} x {cfg.context} characters = {x.numel()} token examples, "
+        f"{sum(p.numel() for p in model.parameters())} parameters")
+
+    def groups(step, model, eigenvalues, eigenvectors):
+        found = osig.opposing_groups(model, loss_fn, xd, yd, cfg.lr, eigenvectors, top=cfg.top, seed=step)
+        found.pop("loss_change_all")
+        v = eigenvectors[:, 0]
+        reach = cfg.lr * abs(float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]) @ v))
+        along = osig.curvature_along(model, loss_fn, xd, yd, v, (-reach, reach), cfg.chunk or None)
+        return {"groups": found, "step_curvature": along.mean(),
+                "layer_shares": osig.layer_shares(v, model, within_blocks=True)}
+
+    history = osig.train(model, xd, yd, loss_fn, torch.optim.SGD(model.parameters(), lr=cfg.lr), cfg.steps,
+                         chunk=cfg.chunk or None, measure=osig.sharpness_measure(
+                             loss_fn, xd, yd, cfg.eig_every, cfg.eig_k, cfg.chunk or None, then=groups), seed=seed,
+                         log=log)
+    return dict(history=history, x=x, y=y, vocabulary=vocabulary, model=model,
+                features=token_features(x, y, vocabulary))
+
+
+def text_criteria(cfg, run, a, log):
+    """The text-only criteria: which features carry the outliers' loss change against their base rates; a
+    feature-defined pair (one context, two targets) in anti-phase against its controls; where the sharp
+    direction lives. Returns criteria and adds the pair, the feature table and the layer shares to `a`."""
+    losses, window, reached, nan = a["losses"], a["window"], a["reached"], math.nan
+    features, mass = run["features"], np.zeros(a["losses"].shape[1])
+    for _, g in a["post"]:                                       # |Δℓ| each token carries as an outlier
+        np.add.at(mass, g["index"], np.abs(g["loss_change"]))
+    share = {name: mass[m].sum() / max(mass.sum(), 1e-300) for name, m in features.items()}
+    base = {name: m.mean() for name, m in features.items()}
+    common = sorted((name for name in features if base[name] >= 0.01), key=lambda name: -share[name])
+    c = [criterion("the outliers' most over-represented common feature (base rate >= 1%): share of their "
+                   "|loss change| / base rate", max(share[n] / base[n] for n in common) if reached else nan, ">= 3",
+                   "choice", where="; ".join(f"{n}: {share[n]:.2f} of |dloss|, {base[n]:.3f} of tokens"
+                                             for n in common[:6]), log=log)]
+    # the pair: the context with the most outlier mass, and its two targets with the most
+    context = next((n for n in common if n.startswith("after")), None)
+    targets = sorted((n for n in features if n.startswith("target") and context),
+                     key=lambda n: -mass[features[n] & features[context]].sum())[:2]
+    if reached and context and len(targets) == 2 and all(mass[features[t] & features[context]].sum() > 0 for t in targets):
+        first, second = (features[context] & features[t] for t in targets)
+        contrast = osig.group_pair_contrast(losses[window], first, second, ~features[context] & features[targets[0]],
+                                            ~features[context] & features[targets[1]])
+        selected, shuffled = osig.post_selection_correlation(losses[window], 0, np.flatnonzero(first),
+                                                             np.flatnonzero(second), length=len(losses), gap=0)
+        pair = (context, *targets)
+    else:
+        contrast, selected, shuffled, pair = dict.fromkeys(("pair", "control", "contrast", "low", "high"), nan), \
+            nan, nan, None
+    name = f"{pair[1]} vs {pair[2]}, both {pair[0]}" if pair else "none found"
+    c.append(criterion(f"feature pair ({name}): corr of the two groups' loss changes after the crossing",
+                       contrast["pair"], "<= -0.6", "choice", log=log))
+    c.append(criterion("feature pair minus a random split of the same tokens", selected - shuffled, "<= -0.6",
+                       "choice", where=f"{selected:.2f} vs {shuffled:.2f}", log=log))
+    c.append(criterion("feature pair: size-matched same-target groups in other contexts minus the pair",
+                       contrast["contrast"], ">= 0.3", "choice", where=f"95% CI {contrast['low']:.2f}.."
+                       f"{contrast['high']:.2f}; other contexts {contrast['control']:.2f}", log=log))
+    steps, shares = osig.measured(run["history"], "layer_shares")
+    names = osig.parameter_layers(run["model"], within_blocks=True)[0]
+    parameters = osig.parameter_shares(run["model"], within_blocks=True)
+    after = shares[steps >= a["first"]].mean(0) if reached else np.full(len(names), nan)
+    early = np.isin(names, ("embed", "position", "blocks.0.mlp"))
+    c.append(criterion("top eigenvector's share in the embeddings and the first MLP / their parameter share",
+                       after[early].sum() / parameters[early].sum(), ">= 2",
+                       "paper (embedding and early MLP layers); factor: choice",
+                       where=", ".join(f"{n} {r:.2f}" for n, r in zip(names, after / parameters)), log=log))
+    a.update(pair=pair, groups=(first, second) if pair else None, relative_shares=(names, after / parameters))
+    return c
+
+
+def run_text(cfg, out, device, log=print):
+    """Experiment: the opposing-signal phenomena of a character-level GPT under full-batch GD."""
+    run = text_run(cfg, cfg.seed, device, log)
+    criteria, analysis = gd_criteria(cfg, run["history"], log)
+    criteria += text_criteria(cfg, run, analysis, log)
+    notes = [f"linearization check (balanced accuracy of the gradient split's up/down prediction): "
+             f"{analysis['linearization']:.2f}"]
+    if run["history"]["diverged"]:
+        notes.append(run["history"]["diverged"])
+    if analysis["first"] is None:
+        notes.append("the run never reached the edge of stability, so every criterion that needs it is nan: "
+                     "raise lr or steps")
+    figures = text_figures(cfg, run, analysis, out)
+    save_npz(out / "history.npz", **{k: run["history"][k] for k in ("step", "loss", "accuracy")},
+             per_example_loss=run["history"]["per_example_loss"].astype(np.float16), eig_step=analysis["eig_step"],
+             eigenvalues=analysis["eigenvalues"])
+    return {"criteria": criteria, "figures": figures, "notes": notes}
+
+
+def text_figures(cfg, run, a, out):
+    """text_eos.png ("Figure 1 for text": loss, sharpness and the feature pair's losses on one time axis) and
+    text_passage.png (a passage shaded by each character's loss change at the largest spike)."""
+    history, losses = run["history"], a["losses"]
+    fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    axes[0].plot(history["step"], history["loss"], color="k", lw=0.8)
+    axes[0].set(yscale="log", ylabel="train loss (all tokens)")
+    axes[1].plot(a["eig_step"], a["eigenvalues"][:, 0], color="C0", lw=1.2, label="top eigenvalue")
+    axes[1].axhline(2 / cfg.lr, ls="--", color="C3", label=f"2/lr = {2 / cfg.lr:.3g}")
+    axes[1].set_ylabel("sharpness")
+    axes[1].legend(fontsize=7)
+    if a["pair"]:
+        for group, target in zip(a["groups"], a["pair"][1:]):
+            axes[2].plot(history["step"], losses[:, group].mean(1), lw=0.8, label=f"{target}, {a['pair'][0]} "
+                         f"({int(group.sum())} tokens)")
+        axes[2].legend(fontsize=7)
+    axes[2].set(xlabel="step", ylabel="group mean loss")
+    axes[0].set_title(f"GPT (dim {cfg.dim}, depth {cfg.depth}) on {cfg.n_sequences} x {cfg.context} characters, "
+                      f"GD lr {cfg.lr}", fontsize=9)
+    save_figure(fig, out / "text_eos.png")
+    if not a["reached"]:
+        return ["text_eos.png"]
+    t = a["first"] + int(np.argmax(np.diff(history["loss"][a["first"]:])))       # the largest loss increase
+    change = a["delta"][t].reshape(cfg.n_sequences, cfg.context)
+    row = int(np.argmax(np.abs(change).sum(1)))
+    characters, scale = [run["vocabulary"][i] for i in run["y"][row].tolist()], np.abs(change[row]).max()
+    fig, ax = plt.subplots(figsize=(10, 1.6))
+    for j, (character, value) in enumerate(zip(characters, change[row])):
+        ax.add_patch(plt.Rectangle((j % 64, -(j // 64)), 1, 1, color=plt.cm.RdBu_r(0.5 + 0.5 * value / scale)))
+        ax.text(j % 64 + 0.5, -(j // 64) + 0.5, {"\n": "⏎", " ": "·"}.get(character, character), ha="center",
+                va="center", fontsize=7, family="monospace")
+    ax.set(xlim=(0, 64), ylim=(-(len(characters) - 1) // 64, 1), xticks=[], yticks=[])
+    ax.set_title(f"step {t}: each predicted character shaded by its loss change (red up, blue down; max "
+                 f"{scale:.2f})", fontsize=8)
+    save_figure(fig, out / "text_passage.png")
+    return ["text_eos.png", "text_passage.png"]
+
+
 # ----------------------------------------------------------------------------- experiment: optimizers
 
 OPTIMIZERS = ("sgd", "adam", "clip", "split")
@@ -922,7 +1122,7 @@ def optimizer_run(cfg, data, name, lr, seed, measured, device, split_lr=1e-3, lo
     cfg.eig_every steps the (preconditioned) sharpness and the layer shares of the top eigenvector.
     Returns (model, history, final train loss, test accuracy, threshold)."""
     x, y, x_test, y_test = data
-    model = build_model(cfg, x.shape[1:], seed).to(device)
+    model = build_model(cfg, x.shape[1:], seed, num_classes=65 if cfg.model == "gpt" else 10).to(device)
     optimizer, loss_fn = make_optimizer(name, model, lr, cfg, split_lr), LOSSES[cfg.loss]
     every = cfg.record_every if measured else cfg.curve_every
     sharpness = osig.sharpness_measure(
@@ -947,7 +1147,14 @@ def optimizer_run(cfg, data, name, lr, seed, measured, device, split_lr=1e-3, lo
 
 
 def optimizer_data(cfg, device):
-    """(x, y, x_test, y_test) on the device: cfg.n_train training images and cfg.n_test test images."""
+    """(x, y, x_test, y_test) on the device: cfg.n_train training and cfg.n_test test images, or for text
+    sequences from the first 90% of the corpus and held-out ones from the last 10%."""
+    if cfg.data == "shakespeare":
+        tokens, _ = osig.encode_characters(osig.load_tiny_shakespeare())
+        split = int(0.9 * len(tokens))
+        x, y = osig.text_sequences(tokens[:split], cfg.n_train, cfg.context, seed=0)
+        x_test, y_test = osig.text_sequences(tokens[split:], cfg.n_test, cfg.context, seed=1)
+        return x.to(device), y.to(device), x_test.to(device), y_test.to(device)
     if cfg.data == "planted":
         images, labels, _ = load_images("planted", cfg.n_train + cfg.n_test, 0)
         test_images, test_labels = images[cfg.n_train:], labels[cfg.n_train:]
@@ -1129,21 +1336,30 @@ PRODUCTS = {1: 12, "k": 30}
 
 
 def predict_seconds(cfg, device):
-    """Predicted wall time of one experiment on `device`, from the measured cost of a gradient and a Hessian-
-    vector product of its own model at a small batch, scaled linearly in the number of examples."""
+    """Predicted wall time of one experiment on `device`, from the measured cost of a gradient, a Hessian-vector
+    product and a per-example gradient of its own model on 16 random rows (images or sequences), scaled
+    linearly in the number of rows. Full-batch GD steps cost a gradient each; each sharpness measurement a
+    warm-started Lanczos (PRODUCTS), the opposing groups (3 gradients and 2·top per-example gradients) and
+    the curvature one step away (2 fresh products, about 3 gradients each)."""
     if isinstance(cfg, LinearConfig):      # float64 toys on one thread, per step: calibrated on the CPU profile
         return (cfg.large_steps * 2 + cfg.small_steps) * 2.3e-3
     if isinstance(cfg, ToyConfig):
         return 2 * cfg.steps * 3.7e-3
-    loss_fn, n_probe = LOSSES[cfg.loss], 64
-    model = build_model(cfg, (3, 32, 32), 0).to(device)
-    x, y = torch.randn(n_probe, 3, 32, 32, device=device), torch.arange(n_probe, device=device) % 10
-    t_grad, t_hvp, t_example = (t / n_probe if i < 2 else t for i, t in enumerate(unit_costs(model, loss_fn, x, y, device)))
-    if isinstance(cfg, ImagesConfig):
+    rows = 16
+    if isinstance(cfg, TextConfig) or cfg.model == "gpt":
+        model = osig.GPT(65, cfg.context, getattr(cfg, "dim", getattr(cfg, "width", 64)), cfg.depth).to(device)
+        x = torch.randint(0, 65, (rows, cfg.context), device=device)
+        y, loss_fn = x.roll(-1, 1), osig.cross_entropy_loss
+    else:
+        model, loss_fn = build_model(cfg, (3, 32, 32), 0).to(device), LOSSES[cfg.loss]
+        x, y = torch.randn(rows, 3, 32, 32, device=device), torch.arange(rows, device=device) % 10
+    t_grad, t_hvp, t_example = unit_costs(model, loss_fn, x, y, device)
+    t_grad, t_hvp = t_grad / rows, t_hvp / rows                      # per row
+    if isinstance(cfg, (ImagesConfig, TextConfig)):
+        n, seeds = (cfg.n_train, len(cfg.seeds)) if isinstance(cfg, ImagesConfig) else (cfg.n_sequences, 1)
         products = PRODUCTS[1] if cfg.eig_k == 1 else PRODUCTS["k"]
-        calls = cfg.steps / cfg.eig_every
-        per_call = products * t_hvp * cfg.n_train + 3 * t_grad * cfg.n_train + 2 * cfg.top * t_example
-        return len(cfg.seeds) * (cfg.steps * t_grad * cfg.n_train + calls * per_call)
+        per_call = (products * t_hvp + 9 * t_grad) * n + 2 * cfg.top * t_example
+        return seeds * (cfg.steps * t_grad * n + cfg.steps / cfg.eig_every * per_call)
     runs = sum(len(lrs) for lrs in (cfg.sgd_lrs, cfg.adam_lrs, cfg.clip_lrs, cfg.split_lrs))
     grid = runs * cfg.steps * (t_grad * cfg.batch_size + t_grad / 3 * cfg.n_train / cfg.curve_every)
     measured = 3 * len(cfg.seeds) + 1
@@ -1300,7 +1516,8 @@ def run_bench(out, device, log=print):
 
 # ----------------------------------------------------------------------------- report
 
-RUN = {LinearConfig: run_linear, ToyConfig: run_toy, ImagesConfig: run_images, OptimizersConfig: run_optimizers}
+RUN = {LinearConfig: run_linear, ToyConfig: run_toy, ImagesConfig: run_images, TextConfig: run_text,
+       OptimizersConfig: run_optimizers}
 SOURCES = ("Targets: **paper** where the paper's claim fixes the criterion (its direction, and its size where the "
            "paper states one), **choice** where the size is ours, fixed before the runs, **calibration** where it "
            "comes from a calibration run named next to it. A nan value (the run gave nothing to measure, e.g. it "
@@ -1378,7 +1595,7 @@ def parse_args(argv):
                         help="images for the image experiments (default: cifar10; planted for the smoke profile)")
     parser.add_argument("--force", action="store_true", help="recompute experiments whose results exist")
     parser.add_argument("--preflight", action="store_true", help="only check each image experiment's setting: "
-                        "100 full-batch steps on 32 images must lower the loss and raise the sharpness")
+                        "100 full-batch steps on 16 images must lower the loss and raise the sharpness")
     parser.add_argument("--bench", action="store_true", help="run the speed benchmark instead")
     args = parser.parse_args(argv)
     if args.seed is not None and args.seed < 0:
@@ -1411,7 +1628,7 @@ def plan(args):
     """name -> config of every experiment in the profile, with the command line's data and seed applied."""
     configs = {}
     for name, cfg in PROFILES[args.profile].items():
-        if hasattr(cfg, "data"):
+        if getattr(cfg, "data", None) in ("cifar10", "planted"):       # the image experiments
             cfg = dataclasses.replace(cfg, data=args.data)
         if args.seed is not None:
             cfg = dataclasses.replace(cfg, **({"seeds": (args.seed,)} if hasattr(cfg, "seeds") else {"seed": args.seed}))
