@@ -165,19 +165,21 @@ def load_tiny_shakespeare(root=None, download=True):
           f"tinyshakespeare/input.txt)"
     if not path.exists():
         if not download:
-            raise DataError(f"tiny Shakespeare not found at {path}: put the file from {SHAKESPEARE_URL} there, or "
-                            f"set OSIG_DATA to a folder holding tinyshakespeare/input.txt")
+            raise DataError(f"tiny Shakespeare not found at {path}: put the file from {SHAKESPEARE_URL} "
+                            f"there, or set OSIG_DATA to a folder holding tinyshakespeare/input.txt")
         download_checked(SHAKESPEARE_URL, path, SHAKESPEARE_MD5)
     data = path.read_bytes()
     if len(data) != SHAKESPEARE_BYTES:
-        what = "empty" if not data else f"{len(data):,} bytes, not {SHAKESPEARE_BYTES:,} (truncated or a different file)"
+        what = ("empty" if not data
+                else f"{len(data):,} bytes, not {SHAKESPEARE_BYTES:,} (truncated or a different file)")
         raise DataError(f"{path} is {what}: {fix}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise DataError(f"{path} is not text ({error}): {fix}") from None
     if hashlib.md5(data).hexdigest() != SHAKESPEARE_MD5:
-        raise DataError(f"{path} is corrupted (md5 {hashlib.md5(data).hexdigest()}, expected {SHAKESPEARE_MD5}): {fix}")
+        raise DataError(f"{path} is corrupted (md5 {hashlib.md5(data).hexdigest()}, "
+                        f"expected {SHAKESPEARE_MD5}): {fix}")
     return text
 
 
@@ -190,8 +192,8 @@ def encode_characters(text):
 
 
 def text_sequences(tokens, n, context, seed=0):
-    """A fixed training set of n windows of the token stream at seeded random starts: inputs x [n, context] and
-    targets y [n, context] = the next token of each position (x shifted by one). Each (sequence, position)
+    """A fixed training set of n windows of the token stream at seeded random starts: inputs x [n, context]
+    and targets y [n, context] = the next token of each position (x shifted by one). Each (sequence, position)
     pair is one example: y[i, t] is predicted from x[i, :t + 1]. Needs only torch."""
     if not 0 < n or len(tokens) <= context + 1:
         raise ValueError(f"need n >= 1 sequences and more than context + 1 = {context + 1} tokens")
@@ -320,7 +322,8 @@ class ResNet18(nn.Module):
         blocks, channels = [], width
         for stage, stride in enumerate([1, 2, 2, 2]):
             for block in range(2):
-                blocks.append(BasicBlock(channels, width * 2 ** stage, stride if block == 0 else 1, batch_norm))
+                blocks.append(BasicBlock(channels, width * 2 ** stage, stride if block == 0 else 1,
+                                         batch_norm))
                 channels = width * 2 ** stage
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(channels, num_classes)
@@ -376,7 +379,8 @@ class ViT(nn.Module):
         for _ in range(depth):
             self.blocks.append(nn.ModuleDict(dict(
                 norm1=LayerNorm(dim), attention=Attention(dim, heads), norm2=LayerNorm(dim),
-                mlp=nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)))))
+                mlp=nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
+                                  nn.Linear(mlp_ratio * dim, dim)))))
         self.norm = LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -428,7 +432,8 @@ def mse_loss(outputs, labels):
         raise ValueError(f"mse_loss: outputs {tuple(outputs.shape)} and labels {tuple(labels.shape)} "
                          f"must describe the same examples (labels [B] for outputs [B, C])")
     # a comparison rather than F.one_hot, which checks label values and so cannot run under vmap
-    one_hot = (labels.unsqueeze(-1) == torch.arange(outputs.shape[-1], device=outputs.device)).to(outputs.dtype)
+    one_hot = (labels.unsqueeze(-1)
+               == torch.arange(outputs.shape[-1], device=outputs.device)).to(outputs.dtype)
     return 0.5 * (outputs - one_hot).pow(2).sum(-1)
 
 
@@ -436,8 +441,9 @@ def cross_entropy_loss(outputs, labels):
     """Per-example cross-entropy: -log softmax(outputs[i])[labels[i]]. [B, C], [B] -> [B]; [B, T, C], [B, T]
     -> [B, T] for a language model."""
     if outputs.shape[:-1] != labels.shape:
-        raise ValueError(f"cross_entropy_loss: outputs {tuple(outputs.shape)} and labels {tuple(labels.shape)} "
-                         f"must describe the same examples (labels [B] for outputs [B, C])")
+        raise ValueError(f"cross_entropy_loss: outputs {tuple(outputs.shape)} "
+                         f"and labels {tuple(labels.shape)} must describe the same examples "
+                         f"(labels [B] for outputs [B, C])")
     flat = F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), labels.reshape(-1), reduction="none")
     return flat.view(labels.shape)
 
@@ -451,8 +457,8 @@ def check_examples(x, y, outputs=None):
     if outputs is not None and outputs.shape[-1] > 1 and not torch.is_floating_point(y):
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= outputs.shape[-1]:
-            raise ValueError(f"labels range over {low}..{high} but the model has {outputs.shape[-1]} outputs: "
-                             f"labels must be class indices 0..{outputs.shape[-1] - 1}")
+            raise ValueError(f"labels range over {low}..{high} but the model has {outputs.shape[-1]} "
+                             f"outputs: labels must be class indices 0..{outputs.shape[-1] - 1}")
 
 # ----------------------------------------------------------------------------- 4. Curvature
 
@@ -585,8 +591,8 @@ def power_iteration(matvec, dim, iters=1000, tol=1e-6, seed=0, v0=None, dtype=to
     if dim < 1:
         raise ValueError(f"power_iteration: dim={dim} must be >= 1")
     generator = torch.Generator().manual_seed(seed)
-    v = torch.randn(dim, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype) if v0 is None \
-        else v0.reshape(-1).to(device=device, dtype=dtype).clone()
+    v = torch.randn(dim, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype) \
+        if v0 is None else v0.reshape(-1).to(device=device, dtype=dtype).clone()
     v = v / v.norm()
     eigenvalue = 0.0
     for step in range(1, iters + 1):
@@ -601,7 +607,8 @@ def power_iteration(matvec, dim, iters=1000, tol=1e-6, seed=0, v0=None, dtype=to
 
 
 def curvature_along(model, loss_fn, x, y, v, offsets, chunk=None):
-    """Curvature of the mean loss along a direction, away from the current point: vᵀ H(θ + t v) v for t in offsets.
+    """Curvature of the mean loss along a direction, away from the current point:
+    vᵀ H(θ + t v) v for t in offsets.
 
     v: a unit flat vector [P] (e.g. the top Hessian eigenvector); offsets: distances t in parameter units.
     At t = 0 this is the Rayleigh quotient; the loss is quadratic along v over a range of t when the
@@ -682,7 +689,8 @@ def per_example_losses(model, loss_fn, x, y, chunk=1024):
     """
     check_examples(x, y)
     with preserved(model), torch.no_grad():
-        return torch.cat([loss_fn(model(x[s:s + chunk]), y[s:s + chunk]).reshape(-1) for s in range(0, len(x), chunk)])
+        return torch.cat([loss_fn(model(x[s:s + chunk]), y[s:s + chunk]).reshape(-1)
+                          for s in range(0, len(x), chunk)])
 
 
 def evaluate(model, loss_fn, x, y, chunk=1024):
@@ -706,7 +714,8 @@ def per_example_grads(model, loss_fn, x, y, chunk=256, positions=None):
     in eval mode. Columns follow the flat parameter order. Needs only torch and numpy.
     """
     from torch.func import functional_call, grad, vmap
-    if model.training and any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) for m in model.modules()):
+    if model.training and any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+                              for m in model.modules()):
         raise ValueError("per-example gradients need batch norm in eval mode: call model.eval() first")
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} examples and y {len(y)}: pass one label per example")
@@ -714,8 +723,9 @@ def per_example_grads(model, loss_fn, x, y, chunk=256, positions=None):
     buffers = {name: b.detach() for name, b in model.named_buffers()}
 
     def example_loss(params, xi, yi, ti):
-        losses = loss_fn(functional_call(model, (params, buffers), (xi.unsqueeze(0),)), yi.unsqueeze(0)).reshape(-1)
-        chosen = (torch.arange(len(losses), device=losses.device) == ti) | (ti < 0)     # ti = -1: all of the row
+        losses = loss_fn(functional_call(model, (params, buffers), (xi.unsqueeze(0),)),
+                         yi.unsqueeze(0)).reshape(-1)
+        chosen = (torch.arange(len(losses), device=losses.device) == ti) | (ti < 0)  # ti = -1: all of the row
         return (losses * chosen).sum()
 
     grad_per_example = vmap(grad(example_loss), in_dims=(None, 0, 0, 0))
@@ -731,6 +741,51 @@ def per_example_grads(model, loss_fn, x, y, chunk=256, positions=None):
             result[start:start + len(g), column:column + g[0].numel()] = g.reshape(len(g), -1)
     return result
 
+def per_example_curvature(model, loss_fn, x, y, v, chunk=1024):
+    """Each example's curvature along a direction v, split into its Gauss-Newton and residual parts.
+
+    With f_i(θ) the model's outputs on example i and ℓ_i = loss of f_i, the curvature of the mean loss along
+    a unit v is vᵀHv = (1/N) Σ_i c_i with
+        c_i  = d²/dt² ℓ_i(f_i(θ + t v)) at t = 0                         (total)
+             = (J_i v)ᵀ ∇²_f ℓ_i (J_i v)   +   Σ_c ∂ℓ_i/∂f_c · vᵀ∇²f_{i,c} v,
+    the Gauss-Newton term (for MSE |J_i v|², for cross-entropy (J_i v)ᵀ(diag p_i - p_i p_iᵀ)(J_i v)) and the
+    residual term. Forward-mode products compute all of them for every example at once: J v = d/dt f(θ + tv)
+    is one jvp of the outputs; the total is a jvp of that jvp through the loss; the Gauss-Newton term is the
+    second derivative of ℓ_i(f_i + s J_i v) in s (exact for any loss_fn). For a language model each
+    (sequence, position) is one example. Buffers are read, never updated (BN: eval mode).
+    Returns a dict of float64 numpy [N]: total, gauss_newton, residual (= total - gauss_newton).
+    Needs `unflatten`.
+    """
+    from torch.func import functional_call, jvp
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    params = [p.detach() for p in model.parameters() if p.requires_grad]
+    directions = {name: d for name, d in zip(names, unflatten(v.to(params[0].dtype), params))}
+    base = dict(zip(names, params))
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+    zero = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
+    one = torch.ones_like(zero)
+    totals, gauss_newton = [], []
+    for start in range(0, len(x), chunk):
+        xc, yc = x[start:start + chunk], y[start:start + chunk]
+
+        def outputs_at(t):
+            return functional_call(model, ({n: base[n] + t * directions[n] for n in names}, buffers), (xc,))
+
+        def slope(t):
+            return jvp(lambda s: loss_fn(outputs_at(s), yc), (t,), (one,))[1]
+
+        outputs, jv = jvp(outputs_at, (zero,), (one,))
+        totals.append(jvp(slope, (zero,), (one,))[1].detach().reshape(-1))
+        outputs, jv = outputs.detach(), jv.detach()
+
+        def output_slope(s):
+            return jvp(lambda r: loss_fn(outputs + r * jv, yc), (s,), (one,))[1]
+
+        gauss_newton.append(jvp(output_slope, (zero,), (one,))[1].detach().reshape(-1))
+    total, gn = (torch.cat(parts).double().cpu().numpy() for parts in (totals, gauss_newton))
+    return {"total": total, "gauss_newton": gn, "residual": total - gn}
+
+
 # ----------------------------------------------------------------------------- 6. Training
 
 def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, measure=None, clip_norm=None,
@@ -740,7 +795,8 @@ def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, m
     Full batch (batch_size None): the gradient of L(θ) = (1/N) Σ_i ℓ_i(θ), accumulated over chunks of
         `chunk` examples (each adds ∇(Σ_chunk ℓ_i)/N, so the sum is the one-batch gradient). With
         torch.optim.SGD(lr) this is gradient descent θ ← θ − lr ∇L. The same forward pass gives every
-        example's loss ℓ_i(θ_t), kept as per_example_loss [T, N] at no extra cost (N = B·T' for a language model).
+        example's loss ℓ_i(θ_t), kept as per_example_loss [T, N] at no extra cost (N = B·T' for a
+        language model).
     Minibatch (batch_size B): each step uses the next B examples of a seeded reshuffle of (x, y), a
         new one each epoch; loss and accuracy are the minibatch's.
     clip_norm: rescale the gradient g to g · min(1, clip_norm / |g|) before the update.
@@ -758,13 +814,13 @@ def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, m
     check_examples(x, y)
     n, chunk = len(x), chunk or len(x)
     if steps < 0 or chunk < 1 or (batch_size is not None and not 1 <= batch_size <= n):
-        raise ValueError(f"train: need steps >= 0 (got {steps}), chunk >= 1 (got {chunk}) and batch_size None "
-                         f"(full batch) or in 1..{n} (got {batch_size})")
+        raise ValueError(f"train: need steps >= 0 (got {steps}), chunk >= 1 (got {chunk}) and batch_size "
+                         f"None (full batch) or in 1..{n} (got {batch_size})")
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
     order, cursor = torch.randperm(n, generator=generator), 0
-    history = {"step": [], "loss": [], "accuracy": [], "grad_norm": [], "per_example_loss": [], "measured": [],
-               "diverged": None}
+    history = {"step": [], "loss": [], "accuracy": [], "grad_norm": [], "per_example_loss": [],
+               "measured": [], "diverged": None}
     start_time = time.time()
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
@@ -789,10 +845,12 @@ def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, m
             batch_loss = loss_fn(outputs, y[batch]).mean()
             batch_loss.backward()
             loss = float(batch_loss.detach())
-            accuracy = float((outputs.argmax(-1) == y[batch]).float().mean()) if outputs.shape[-1] > 1 else math.nan
+            accuracy = (float((outputs.argmax(-1) == y[batch]).float().mean()) if outputs.shape[-1] > 1
+                        else math.nan)
         if step == 0:
             check_examples(x, y, chunk_outputs if batch_size is None else outputs)
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
+                                                                if p.grad is not None])))
         for key, value in (("step", step), ("loss", loss), ("accuracy", accuracy), ("grad_norm", grad_norm)):
             history[key].append(value)
         problem = None if math.isfinite(loss) else f"loss {loss}"
@@ -823,21 +881,24 @@ def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, m
             log(f"step {step:5d} | loss {loss:.4f} | acc {accuracy:.3f} | sharpness "
                 f"{last[-1] if last else math.nan:8.2f} | {elapsed:6.1f}s, "
                 f"ETA {elapsed / (step + 1) * (steps - step - 1):6.1f}s")
-    result = {key: np.asarray(history[key], dtype=np.float64) for key in ("step", "loss", "accuracy", "grad_norm")}
+    result = {key: np.asarray(history[key], dtype=np.float64)
+              for key in ("step", "loss", "accuracy", "grad_norm")}
     result["step"] = result["step"].astype(np.int64)
-    result["per_example_loss"] = (torch.stack(history["per_example_loss"]).numpy() if history["per_example_loss"]
-                                  else np.zeros((0, n), np.float32))
+    result["per_example_loss"] = (torch.stack(history["per_example_loss"]).numpy()
+                                  if history["per_example_loss"] else np.zeros((0, n), np.float32))
     return dict(result, measured=history["measured"], diverged=history["diverged"])
 
 
 def measured(history, key):
-    """The steps [M] and values [M, ...] (numpy) of `key` in a train history's measure records that have it."""
+    """The steps [M] and values [M, ...] (numpy) of `key` in a train history's measure records that
+    have it."""
     records = [m for m in history["measured"] if key in m]
     return (np.asarray([m["step"] for m in records], dtype=np.int64),
             np.asarray([np.asarray(m[key], dtype=np.float64) for m in records]))
 
 
-def sharpness_measure(loss_fn, x, y, every=20, k=1, chunk=None, iters=100, tol=1e-3, preconditioner=None, then=None):
+def sharpness_measure(loss_fn, x, y, every=20, k=1, chunk=None, iters=100, tol=1e-3, preconditioner=None,
+                      then=None):
     """A `measure` hook for `train`: the top-k Hessian eigenvalues of the mean loss every `every` steps.
 
     At steps 0, every, 2·every, ...: `top_eigenvalues` over (x, y) (a subset of the training set is
@@ -874,7 +935,7 @@ def sharpness_measure(loss_fn, x, y, every=20, k=1, chunk=None, iters=100, tol=1
 
     return measure
 
-# ----------------------------------------------------------------------------- 7. Edge of stability and opposing groups
+# ------------------------------------------------------------------- 7. Edge of stability and opposing groups
 
 def edge_of_stability(eig_step, sharpness, lr):
     """Progressive sharpening up to 2/lr and the hover there, from sharpness measurements.
@@ -908,7 +969,8 @@ def loss_spikes(loss, window=20, factor=1.1):
     Returns int64 [number of events, 2]: the first and last step of each run.
     """
     loss = np.asarray(loss, dtype=np.float64)
-    high = np.array([loss[t] > factor * loss[t - window:t].min() for t in range(window, len(loss))], dtype=bool)
+    high = np.array([loss[t] > factor * loss[t - window:t].min() for t in range(window, len(loss))],
+                    dtype=bool)
     edges = np.diff(np.concatenate([[0], high.astype(np.int8), [0]]))
     starts, ends = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0] - 1
     return np.stack([starts + window, ends + window], axis=1).astype(np.int64) if len(starts) else \
@@ -991,7 +1053,8 @@ def opposing_groups(model, loss_fn, x, y, lr, eigenvectors, top=30, seed=0):
 
     def grads_of(index):
         rows, positions = index // per_row, index % per_row
-        return per_example_grads(model, loss_fn, x[rows], y[rows], positions=positions if per_row > 1 else None)
+        return per_example_grads(model, loss_fn, x[rows], y[rows],
+                                 positions=positions if per_row > 1 else None)
 
     g_out, g_random = grads_of(outliers), grads_of(random)
     predicted_up, group_cosine = split(g_out)
@@ -1083,11 +1146,13 @@ def pair_significance(features, labels, up, down, candidates, series=None, draws
         if second is not None:
             null.append(statistics(first, second))
     null = np.asarray(null, dtype=np.float64).reshape(-1, 2)
-    result = {"coherence": observed[0], "coherence_null": float(np.median(null[:, 0])) if len(null) else math.nan,
+    result = {"coherence": observed[0],
+              "coherence_null": float(np.median(null[:, 0])) if len(null) else math.nan,
               "coherence_p": float((1 + np.sum(null[:, 0] >= observed[0])) / (1 + len(null)))}
     if series is not None:
         finite = null[np.isfinite(null[:, 1]), 1]
-        result.update(antiphase=observed[1], antiphase_null=float(np.median(finite)) if len(finite) else math.nan,
+        result.update(antiphase=observed[1],
+                      antiphase_null=float(np.median(finite)) if len(finite) else math.nan,
                       antiphase_p=float((1 + np.sum(finite <= observed[1])) / (1 + len(finite))))
     return result
 
@@ -1119,10 +1184,12 @@ def group_pair_contrast(series, first, second, first_pool, second_pool, draws=20
     if min(len(g) for g in groups) == 0:
         return {key: math.nan for key in ("pair", "control", "contrast", "low", "high")}
     pair, control = corr(groups[0], groups[1]), float(np.nanmedian([control_pair() for _ in range(draws)]))
-    bootstrap = [control_pair() - corr(rng.choice(groups[0], len(groups[0])), rng.choice(groups[1], len(groups[1])))
+    bootstrap = [control_pair() - corr(rng.choice(groups[0], len(groups[0])),
+                                       rng.choice(groups[1], len(groups[1])))
                  for _ in range(draws)]
     low, high = np.nanpercentile(bootstrap, [2.5, 97.5])
-    return {"pair": pair, "control": control, "contrast": control - pair, "low": float(low), "high": float(high)}
+    return {"pair": pair, "control": control, "contrast": control - pair,
+            "low": float(low), "high": float(high)}
 
 
 def class_pairs(labels, selections, class_names):
@@ -1171,7 +1238,7 @@ def uniform_probe(rgb, mean, std, size=32):
     colour = torch.as_tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).round() / 255
     return ((colour - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).expand(1, 3, size, size).contiguous()
 
-# ----------------------------------------------------------------------------- 8. Two-layer linear model of opposing signals
+# -------------------------------------------------------------- 8. Two-layer linear model of opposing signals
 #
 # OUR RECONSTRUCTION. The paper analyses a two-layer linear network on "a simple model of opposing
 # signals"; its text is not available to us, so the model, the data and the derivation below are
@@ -1181,32 +1248,33 @@ def uniform_probe(rgb, mean, std, size=32):
 # L = (1/N) Σ_i ½ (f(x_i) − y_i)², residual r_i = f(x_i) − y_i, Σ = (1/N) Σ_i x_i x_iᵀ,
 # g = ∇_w L = (1/N) Σ_i r_i x_i.
 #
-# Hessian. Along a parameter direction (Ȧ, ḃ) the output moves by ḟ_i = ẇᵀx_i with ẇ = Ȧᵀb + Aᵀḃ, and
-# f̈_i = 2 ḃᵀȦ x_i, so
-#     (Ȧ, ḃ)ᵀ H (Ȧ, ḃ) = ẇᵀ Σ ẇ  +  2 ḃᵀȦ g            (Gauss-Newton term + residual term).
-# The residual term has eigenvalues ±|g| (|2 ḃᵀȦg| <= |g| (|Ȧ|² + |ḃ|²)), so it vanishes where the fit
-# is stationary. The Gauss-Newton term is J_wᵀ Σ J_w with J_w: (Ȧ, ḃ) -> ẇ, and J_w J_wᵀ = |b|² I + AᵀA,
-# so its non-zero eigenvalues are those of Σ^½ (|b|² I + AᵀA) Σ^½ (the neural tangent kernel of a
-# two-layer linear net, seen through the data).
+# Hessian. Along a parameter direction (Ȧ, ḃ) the output moves by ḟ_i = ẇᵀx_i with
+# ẇ = Ȧᵀb + Aᵀḃ, and f̈_i = 2 ḃᵀȦ x_i, so
+#     (Ȧ, ḃ)ᵀ H (Ȧ, ḃ) = ẇᵀ Σ ẇ  +  2 ḃᵀȦ g        (Gauss-Newton term + residual term).
+# The residual term has eigenvalues ±|g| (|2 ḃᵀȦg| <= |g| (|Ȧ|² + |ḃ|²)), so it vanishes where the
+# fit is stationary. The Gauss-Newton term is J_wᵀ Σ J_w with J_w: (Ȧ, ḃ) -> ẇ, and
+# J_w J_wᵀ = |b|² I + AᵀA, so its non-zero eigenvalues are those of Σ^½ (|b|² I + AᵀA) Σ^½
+# (the neural tangent kernel of a two-layer linear net, seen through the data).
 #
 # Data (make_opposing_signal_data). x = (x_o, x_g): by construction Σ = diag(p α², diag(scales²))
 # exactly, with p the fraction of examples that carry the opposing feature x_o = ±α. Take the
 # opposing direction θ_o = (b e_oᵀ, a)/√S with a = A e_o (the hidden weights that read x_o) and
-# S = |a|² + |b|². Then ẇ = (|b|² e_o + Aᵀa)/√S, whose x_o component is √S, and g_o = p α² w_o with
-# w_o = aᵀb the end-to-end weight on x_o ("the opposing weight"). Its Rayleigh quotient is
+# S = |a|² + |b|². Then ẇ = (|b|² e_o + Aᵀa)/√S, whose x_o component is √S, and g_o = p α² w_o
+# with w_o = aᵀb the end-to-end weight on x_o ("the opposing weight"). Its Rayleigh quotient is
 #     θ_oᵀ H θ_o = p α² S  +  |Σ_g^½ A_gᵀ a|² / S  +  2 p α² w_o² / S.
 # The key step: x_o carries no signal (its best weight is 0) and its gradient ∇_a L = g_o b = p α² w_o b
 # only ever shrinks w_o, so |a| stays at its initial scale until an oscillation starts, and the last
 # two terms are small. When p α² exceeds the genuine features' scales, θ_o is the top eigenvector and
 #     sharpness ≈ p α² (|b|² + |A e_o|²) ≈ p α² |b|².
-# Depth makes this grow: under gradient flow d/dt (AAᵀ − bbᵀ) = 0 (Ȧ = −b gᵀ, ḃ = −A g), so from a
-# small init A ≈ b uᵀ with |u| = 1, hence w = |b|² u and |b|² = |w|: the sharpness grows linearly with
-# the learned genuine signal and ends at p α² |β| (progressive sharpening caused by depth acting on the
-# large feature, not by anything x_o itself does).
+# Depth makes this grow: under gradient flow d/dt (AAᵀ − bbᵀ) = 0 (Ȧ = −b gᵀ, ḃ = −A g), so
+# from a small init A ≈ b uᵀ with |u| = 1, hence w = |b|² u and |b|² = |w|: the sharpness grows linearly
+# with the learned genuine signal and ends at p α² |β| (progressive sharpening caused by depth acting on
+# the large feature, not by anything x_o itself does).
 #
 # Edge of stability. Where the genuine part is fit (∇_{w_g} L = 0) one GD step with step size η moves
 # only the opposing block, a -> a − η g_o b and b -> b − η g_o a, and exactly
-#     w_o -> (1 − η λ + (η p α² w_o)²) w_o,     S -> S − η p α² w_o² (4 − η λ),     λ = p α² S.
+#     w_o -> (1 − η λ + (η p α² w_o)²) w_o,     S -> S − η p α² w_o² (4 − η λ),
+#     λ = p α² S.
 # Once λ > 2/η the opposing weight flips sign every step and grows by |1 − η λ| per step; the two groups
 # s = ±1 see the output shifted by ±α w_o, so their losses alternate (for this data L+ − L− = −2 α
 # offset w_o exactly). And for 2 < η λ < 4 the oscillation itself shrinks S by an amount ∝ w_o², so the
@@ -1234,11 +1302,13 @@ def make_opposing_signal_data(n_pairs=200, n_plain=800, alpha=7.0, scales=(1.0, 
     two-layer linear model). It changes neither ∇_w L nor the Hessian, only the loss. A ReLU network
     can fit it by computing |x_o| (section 9).
 
-    Returns x [N, 1 + k], y [N] (dtype), sign [N] int64 in {+1, −1, 0}; rows ordered +1 group, −1 group, plain.
+    Returns x [N, 1 + k], y [N] (dtype), sign [N] int64 in {+1, −1, 0}; rows ordered +1 group,
+    −1 group, plain.
     """
     generator = torch.Generator().manual_seed(seed)
     scales = torch.as_tensor(scales, dtype=torch.float64)
-    beta = torch.ones(len(scales), dtype=torch.float64) if beta is None else torch.as_tensor(beta, dtype=torch.float64)
+    beta = (torch.ones(len(scales), dtype=torch.float64) if beta is None
+            else torch.as_tensor(beta, dtype=torch.float64))
 
     def whitened(n):
         # exact zero mean and identity second moment, then the requested scales
@@ -1273,7 +1343,8 @@ class TwoLayerLinear(nn.Module):
 
 
 def regression_loss(outputs, targets):
-    """Per-example squared error of a scalar output: ½ (outputs[i, 0] − targets[i])². [B, 1], [B] -> [B]."""
+    """Per-example squared error of a scalar output: ½ (outputs[i, 0] − targets[i])².
+    [B, 1], [B] -> [B]."""
     return 0.5 * (outputs[:, 0] - targets).pow(2)
 
 
@@ -1299,11 +1370,12 @@ def predicted_sharpness(model, signal_moment, feature=0):
 def opposing_rayleigh_quotient(model, x, y, feature=0):
     """Exact curvature of the mean squared error of a TwoLayerLinear along the opposing direction θ_o.
 
-    θ_o = (b e_oᵀ, A e_o)/√S, S = |A e_o|² + |b|² (unit norm). With Σ = xᵀx/N, g = xᵀr/N (r = f(x) − y)
-    and ẇ = (|b|² e_o + Aᵀ A e_o)/√S:  θ_oᵀ H θ_o = ẇᵀ Σ ẇ + 2 w_o g_o / S, the Gauss-Newton and residual
-    terms of this section's derivation with nothing dropped (for make_opposing_signal_data it equals
-    p α² S + |Σ_g^½ A_gᵀa|²/S + 2 p α² w_o²/S). A lower bound on the sharpness (Courant-Fischer) that
-    is tight when θ_o is the top eigenvector. x [N, d], y [N]. Returns a float.
+    θ_o = (b e_oᵀ, A e_o)/√S, S = |A e_o|² + |b|² (unit norm). With Σ = xᵀx/N, g = xᵀr/N
+    (r = f(x) − y) and ẇ = (|b|² e_o + Aᵀ A e_o)/√S:  θ_oᵀ H θ_o = ẇᵀ Σ ẇ + 2 w_o g_o / S,
+    the Gauss-Newton and residual terms of this section's derivation with nothing dropped (for
+    make_opposing_signal_data it equals p α² S + |Σ_g^½ A_gᵀa|²/S + 2 p α² w_o²/S). A lower bound
+    on the sharpness (Courant-Fischer) that is tight when θ_o is the top eigenvector. x [N, d], y [N].
+    Returns a float.
     """
     with torch.no_grad():
         a, b = model.A[:, feature], model.b
@@ -1317,7 +1389,8 @@ def opposing_rayleigh_quotient(model, x, y, feature=0):
 
 
 def period_two_fraction(values):
-    """Fraction of consecutive triples that alternate in sign: mean over t of [v_t v_{t+1} < 0 and v_{t+1} v_{t+2} < 0].
+    """Fraction of consecutive triples that alternate in sign: mean over t of
+    [v_t v_{t+1} < 0 and v_{t+1} v_{t+2} < 0].
 
     Unlike a single sign change (a slow drift through zero also makes one), two in a row is the
     signature of the period-2 oscillation of gradient descent along a direction with η λ > 1.
@@ -1338,7 +1411,8 @@ def oscillation_episode(group_loss_plus, group_loss_minus, sharpness, threshold,
     apart by at least rel_gap (10%) of their average. All arrays [T] (per step). Returns a bool mask [T]
     (all False if the sharpness never crosses the threshold).
     """
-    plus, minus, sharpness = (np.asarray(v, dtype=np.float64) for v in (group_loss_plus, group_loss_minus, sharpness))
+    plus, minus, sharpness = (np.asarray(v, dtype=np.float64)
+                              for v in (group_loss_plus, group_loss_minus, sharpness))
     crossed = np.nonzero(sharpness >= threshold)[0]
     mask = np.zeros(len(plus), dtype=bool)
     if len(crossed):
@@ -1420,7 +1494,8 @@ def odd_even_parts(probe_outputs, grid, alpha):
     """
     outputs, grid = np.asarray(probe_outputs, dtype=np.float64), np.asarray(grid, dtype=np.float64)
     plus, minus, zero = (int(np.argmin(np.abs(grid - value))) for value in (alpha, -alpha, 0.0))
-    return (outputs[:, plus] - outputs[:, minus]) / 2, (outputs[:, plus] + outputs[:, minus]) / 2 - outputs[:, zero]
+    return ((outputs[:, plus] - outputs[:, minus]) / 2,
+            (outputs[:, plus] + outputs[:, minus]) / 2 - outputs[:, zero])
 
 
 def opposing_curvature(model, x, feature=0):
@@ -1444,7 +1519,8 @@ def opposing_curvature(model, x, feature=0):
             direction = output.weight[1] - output.weight[0]
             probability = torch.softmax(model(x), dim=-1)[:, 1]
             weight = probability * (1 - probability)
-        rows = x[:, feature:feature + 1] * active * direction * weight.sqrt()[:, None]   # ∂(f or f_1 - f_0)/∂U[j, f]
+        # ∂(f or f_1 - f_0)/∂U[j, f]
+        rows = x[:, feature:feature + 1] * active * direction * weight.sqrt()[:, None]
         return float(torch.linalg.eigvalsh(rows.T @ rows / len(x))[-1])
 
 
@@ -1458,7 +1534,8 @@ def group_gradients(model, loss_fn, x, y, groups):
     losses = loss_fn(model(x), y)
     grads = []
     for mask in groups:
-        parts = torch.autograd.grad(losses[mask].sum() / len(x), params, retain_graph=True, materialize_grads=True)
+        parts = torch.autograd.grad(losses[mask].sum() / len(x), params, retain_graph=True,
+                                    materialize_grads=True)
         grads.append(torch.cat([part.reshape(-1) for part in parts]))
     return grads
 
@@ -1476,7 +1553,7 @@ def half_learned_step(even):
     learned = even >= even[-1] / 2 if even[-1] > 0 else np.zeros(len(even), dtype=bool)
     return int(np.argmax(learned)) if learned.any() else len(even)
 
-# ----------------------------------------------------------------------------- 10. Optimizers: Adam versus SGD
+# ---------------------------------------------------------------------------- 10. Optimizers: Adam versus SGD
 #
 # Adam divides each coordinate's step by the running RMS of its gradient; plain SGD does not. What an
 # optimizer "sees" as sharpness is then the top eigenvalue of P^-1/2 H P^-1/2, P its diagonal
@@ -1516,7 +1593,8 @@ class SplitSGD(torch.optim.Optimizer):
         b_t = μ b_{t-1} + g_t  (b_1 = g_1)                 heavy-ball buffer, as torch.optim.SGD
         m_t = β1 m_{t-1} + (1 − β1) g_t,  v_t = β2 v_{t-1} + (1 − β2) g_t²   (m_0 = v_0 = 0), as Adam
         N_t = the round(q · n) coordinates of the tensor with the largest v_t (`top_quantile_mask`)
-        θ ← θ − normalized_lr · m̂_t / (sqrt(v̂_t) + ε)   on N_t,   m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t)
+        θ ← θ − normalized_lr · m̂_t / (sqrt(v̂_t) + ε)   on N_t,
+            m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t)
         θ ← θ − lr · b_t                                   elsewhere.
     All three statistics are kept for every coordinate so that a coordinate can move between the two
     sets. q = 0 is exactly torch.optim.SGD(lr, momentum=μ); q = 1 is Adam(normalized_lr, (β1, β2), ε).
@@ -1525,11 +1603,12 @@ class SplitSGD(torch.optim.Optimizer):
     Needs `adam_denominator`, `top_quantile_mask`.
     """
 
-    def __init__(self, params, lr, normalized_lr=1e-3, quantile=0.1, momentum=0.9, betas=(0.9, 0.999), eps=1e-8):
+    def __init__(self, params, lr, normalized_lr=1e-3, quantile=0.1, momentum=0.9, betas=(0.9, 0.999),
+                 eps=1e-8):
         if not 0.0 <= quantile <= 1.0:
             raise ValueError(f"quantile {quantile} must be in [0, 1]")
-        super().__init__(params, dict(lr=lr, normalized_lr=normalized_lr, quantile=quantile, momentum=momentum,
-                                      betas=betas, eps=eps))
+        super().__init__(params, dict(lr=lr, normalized_lr=normalized_lr, quantile=quantile,
+                                      momentum=momentum, betas=betas, eps=eps))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -1558,7 +1637,8 @@ class SplitSGD(torch.optim.Optimizer):
                 denom = adam_denominator(state["exp_avg_sq"], t, beta2, group["eps"])
                 normalized_step = state["exp_avg"] / denom * (group["normalized_lr"] / (1 - beta1 ** t))
                 state["normalized"] = top_quantile_mask(state["exp_avg_sq"], group["quantile"])
-                p.sub_(torch.where(state["normalized"], normalized_step, group["lr"] * state["momentum_buffer"]))
+                p.sub_(torch.where(state["normalized"], normalized_step,
+                                   group["lr"] * state["momentum_buffer"]))
         return loss
 
     @torch.no_grad()
@@ -1568,8 +1648,8 @@ class SplitSGD(torch.optim.Optimizer):
         Writing Adam's EMA momentum as a heavy-ball buffer (m = (1 − β1) b for a constant gradient,
         and bias corrections → 1), the normalized coordinates move by
         normalized_lr · (1 − β1) / (sqrt(v̂) + ε) · b, so relative to the SGD coordinates' lr · b
-        P = lr · (sqrt(v̂) + ε) / (normalized_lr · (1 − β1)) on the normalized set and 1 elsewhere, with
-        the set of the last step. Then λ_max(P^{-1/2} H P^{-1/2}) < (2 + 2μ) / lr is the quadratic
+        P = lr · (sqrt(v̂) + ε) / (normalized_lr · (1 − β1)) on the normalized set and 1 elsewhere,
+        with the set of the last step. Then λ_max(P^{-1/2} H P^{-1/2}) < (2 + 2μ) / lr is the quadratic
         stability condition (exact for μ = β1). Returns None before the first step.
         """
         parts = []
@@ -1604,7 +1684,8 @@ def adaptive_preconditioner(optimizer):
             state = optimizer.state[p]
             if not state:
                 return None
-            parts.append(adam_denominator(state["exp_avg_sq"], state["step"], group["betas"][1], group["eps"]).reshape(-1))
+            parts.append(adam_denominator(state["exp_avg_sq"], state["step"], group["betas"][1],
+                                          group["eps"]).reshape(-1))
     return torch.cat(parts)
 
 
@@ -1612,11 +1693,12 @@ def stability_threshold(optimizer):
     """The sharpness above which an optimizer's update is unstable on a quadratic (Cohen et al., 2021, 2022).
 
     On a quadratic with curvature λ along an eigenvector, for a constructed `optimizer` (first group):
-      torch.optim.SGD, momentum μ   heavy ball b ← μ b + g, θ ← θ − lr b: unstable iff λ > (2 + 2μ)/lr;
-                                    μ = 0 is gradient descent and its 2/lr. Clipping only shortens steps,
-                                    so this is also clipped SGD's threshold while the gradient is not clipped.
-      torch.optim.Adam, β1          on the preconditioned sharpness λ(P^-1/2 H P^-1/2): (2 + 2β1)/((1 − β1) lr),
-                                    38/lr for β1 = 0.9.
+      torch.optim.SGD, momentum μ   heavy ball b ← μ b + g, θ ← θ − lr b:
+                                    unstable iff λ > (2 + 2μ)/lr; μ = 0 is gradient descent and its 2/lr.
+                                    Clipping only shortens steps, so this is also clipped SGD's threshold
+                                    while the gradient is not clipped.
+      torch.optim.Adam, β1          on the preconditioned sharpness λ(P^-1/2 H P^-1/2):
+                                    (2 + 2β1)/((1 − β1) lr), 38/lr for β1 = 0.9.
       SplitSGD                      on λ(P^-1/2 H P^-1/2) with its own preconditioner: (2 + 2μ)/lr.
     Returns a float. Needs `adam_denominator`, `top_quantile_mask`, `SplitSGD`.
     """
@@ -1626,7 +1708,8 @@ def stability_threshold(optimizer):
         return (2.0 + 2.0 * beta1) / ((1.0 - beta1) * group["lr"])
     if isinstance(optimizer, (torch.optim.SGD, SplitSGD)):
         return (2.0 + 2.0 * group["momentum"]) / group["lr"]
-    raise ValueError(f"no stability threshold known for {type(optimizer).__name__}: use SGD, Adam or SplitSGD")
+    raise ValueError(f"no stability threshold known for {type(optimizer).__name__}: "
+                     f"use SGD, Adam or SplitSGD")
 
 
 def parameter_layers(model, within_blocks=False):
@@ -1681,7 +1764,8 @@ def sign_flip_measure():
     previous = {}
 
     def measure(step, model, optimizer):
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                 for p in model.parameters() if p.requires_grad]
         signs = [torch.sign(g).to(torch.int8) for g in grads]
         flips = [math.nan] * len(grads) if "signs" not in previous else \
             [float((s * s_old < 0).sum()) for s, s_old in zip(signs, previous["signs"])]
@@ -1719,8 +1803,8 @@ def opposing_group_oscillation(per_example_loss, top=40, window=30, start=0, str
     high-loss examples move more whatever the optimizer does.
     Measurement over the `window` intervals between records r+2 ... r+2+window (record r+1, where the
     selecting change ended, is left out: any noise in it would show up as a spurious reversal in the
-    next interval): a group's amplitude is mean_t |ℓ̄(t+1) − ℓ̄(t)|, ℓ̄ the group's mean loss (loss units
-    per record interval); a pair's amplitude is the mean of its two groups'. Selections at
+    next interval): a group's amplitude is mean_t |ℓ̄(t+1) − ℓ̄(t)|, ℓ̄ the group's mean loss
+    (loss units per record interval); a pair's amplitude is the mean of its two groups'. Selections at
     r = start, start + stride, ... (stride defaults to window: disjoint windows).
 
     Returns a dict of numpy arrays over selections: record [S], n_up [S], amplitude [S], amplitude_control
@@ -1768,10 +1852,11 @@ def opposing_group_oscillation(per_example_loss, top=40, window=30, start=0, str
         control = pair_amplitude(span, control_up, control_down)
         loss_matched = pair_amplitude(span, matched[is_up], matched[~is_up])
         rows.append((r, len(up), groups, control, loss_matched, groups / max(control, 1e-300),
-                     groups / max(loss_matched, 1e-300), correlation(span[:, up].mean(1), span[:, down].mean(1)),
+                     groups / max(loss_matched, 1e-300),
+                     correlation(span[:, up].mean(1), span[:, down].mean(1)),
                      correlation(span[:, control_up].mean(1), span[:, control_down].mean(1))))
-    keys = ("record", "n_up", "amplitude", "amplitude_control", "amplitude_matched", "relative", "relative_matched",
-            "correlation", "correlation_control")
+    keys = ("record", "n_up", "amplitude", "amplitude_control", "amplitude_matched", "relative",
+            "relative_matched", "correlation", "correlation_control")
     result = {key: np.asarray([row[j] for row in rows], dtype=np.float64) for j, key in enumerate(keys)}
     for key in ("relative", "relative_matched", "amplitude", "correlation"):
         result[f"median_{key}"] = float(np.nanmedian(result[key])) if rows else float("nan")
@@ -1840,7 +1925,8 @@ def cifar10_folder(root, download=True):
             os.replace(partial, archive)
         except OSError as error:
             partial.unlink(missing_ok=True)
-            raise DataError(f"CIFAR-10 not found in {root} and the download failed ({error}): {where}") from None
+            raise DataError(f"CIFAR-10 not found in {root} and the download failed ({error}): "
+                            f"{where}") from None
     md5 = hashlib.md5()
     with open(archive, "rb") as f:
         while block := f.read(1 << 20):
@@ -1857,7 +1943,8 @@ def cifar10_folder(root, download=True):
                             f"delete it and download it again from {CIFAR10_URL}")
         os.replace(staging / "cifar-10-batches-py", folder)
     except (OSError, tarfile.TarError) as error:
-        raise DataError(f"{archive} could not be extracted ({error}): delete it and download it again") from None
+        raise DataError(f"{archive} could not be extracted ({error}): "
+                        f"delete it and download it again") from None
     finally:
         for path in sorted(staging.rglob("*"), reverse=True):
             path.unlink() if path.is_file() else path.rmdir()
@@ -1866,8 +1953,8 @@ def cifar10_folder(root, download=True):
 
 
 def download_checked(url, path, md5):
-    """Download `url` to `path`: into path.part, md5-checked, then renamed into place, so that `path` is either
-    absent or complete and correct. Raises DataError (no network, or a wrong file) naming the fix.
+    """Download `url` to `path`: into path.part, md5-checked, then renamed into place, so that `path` is
+    either absent or complete and correct. Raises DataError (no network, or a wrong file) naming the fix.
     Needs `DataError`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
