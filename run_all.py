@@ -70,7 +70,8 @@ class ToyConfig:
     width: int = 16
     weight_scale: float = 0.05
     output_scale: float = 0.1
-    hidden_bias: float = 0.7        # above weight_scale·α·max|U|: every unit starts active on both signs of x_0
+    hidden_bias: float = 0.7        # above weight_scale·α·max|U|: every unit starts active on both signs
+                                    # of x_0
     lr: float = 0.05
     steps: int = 3000
     seed: int = 0
@@ -100,15 +101,15 @@ class ImagesConfig:
 @dataclass
 class TextConfig:
     """Full-batch GD on a fixed set of tiny Shakespeare sequences with a small character-level GPT: the image
-    experiments' criteria, then the features that carry the outliers, a feature-defined opposing pair and where
-    the sharp direction lives. Each (sequence, position) prediction is one example."""
+    experiments' criteria, then the features that carry the outliers, a feature-defined opposing pair and
+    where the sharp direction lives. Each (sequence, position) prediction is one example."""
     n_sequences: int = 128
     context: int = 64               # characters per sequence
     dim: int = 64
     depth: int = 2
     heads: int = 4
-    lr: float = 0.15                # calibration (CPU, this model): the sharpness rises from 1.5 through 6 at step
-                                    # 40 to 2/lr; at lr 0.1 it reaches 18.6 of 20 by step 560
+    lr: float = 0.15                # calibration (CPU, this model): the sharpness rises from 1.5 through 6
+                                    # at step 40 to 2/lr; at lr 0.1 it reaches 18.6 of 20 by step 560
     steps: int = 750
     eig_every: int = 20
     eig_k: int = 1
@@ -120,9 +121,11 @@ class TextConfig:
 
 @dataclass
 class PlantedDoseConfig:
-    """Full-batch GD on planted images over a grid of the planted feature's strength and the fraction of the two
-    classes that carry it: where a planted opposing signal drives progressive sharpening and the edge of
-    stability, and where it does not (seconds per cell)."""
+    """Full-batch GD on planted images over a grid of planted strength and planted fraction.
+
+    The planted feature's strength and the fraction of the two classes that carry it: where a planted
+    opposing signal drives progressive sharpening and the edge of stability, and where it does not (seconds
+    per cell)."""
     strengths: tuple = (0.0, 0.25, 0.5, 1.0)        # 0: nothing planted
     fractions: tuple = (0.05, 0.1, 0.25)
     n_train: int = 400
@@ -135,11 +138,32 @@ class PlantedDoseConfig:
 
 
 @dataclass
+class InterventionsConfig:
+    """Remove or recolour the examples that move most at the edge of stability, or remove as many at random.
+
+    Each variant reruns GD from the same initialization with the same step size; the sky feature is also
+    switched on in non-airplane test images. A cheap CIFAR-10 MLP setting that crosses 2/lr early, so that
+    all the runs fit in minutes on a CPU."""
+    n_train: int = 1000
+    width: int = 200
+    lr: float = 0.06                # calibration (seed 0): sharpness 18.4 at step 0, crosses 2/lr = 33 at step
+                                    # 140, hovers near 38 to step 600 with 20 spike events
+    steps: int = 450
+    eig_every: int = 25
+    window: int = 100               # steps after the crossing whose summed |loss change| ranks the examples
+    fractions: tuple = (0.01, 0.02, 0.05)
+    n_probe: int = 200              # non-airplane test images pasted with each background
+    seeds: tuple = (0, 1, 2)
+
+
+@dataclass
 class OptimizersConfig:
     """SGD with momentum, Adam, clipped SGD and split-update SGD, each at its best step size from a grid with
-    the same step budget; then opposing-group oscillations, (preconditioned) sharpness against each optimizer's
-    threshold, and where the top Hessian eigenvector lives. SGD, Adam and split are rerun on `seeds`."""
-    data: str = "cifar10"           # "cifar10", "planted" or "shakespeare" (sequences of characters, model "gpt")
+    the same step budget; then opposing-group oscillations, (preconditioned) sharpness against each
+    optimizer's threshold, and where the top Hessian eigenvector lives. SGD, Adam and split are rerun on
+    `seeds`."""
+    data: str = "cifar10"           # "cifar10", "planted" or "shakespeare" (sequences of characters,
+                                    # model "gpt")
     n_train: int = 5000             # images, or sequences of `context` characters
     n_test: int = 10000             # test images (CIFAR-10 test set; planted: held out) or held-out sequences
     context: int = 64               # text: characters per sequence
@@ -170,10 +194,11 @@ class OptimizersConfig:
 
 CPU_IMAGES = ImagesConfig(seeds=(0, 1, 2))
 # minibatch training of the text GPT: 128 sequences of 64 characters (8,192 token examples), 16 per batch
-TEXT_OPTIMIZERS = OptimizersConfig(data="shakespeare", model="gpt", width=64, depth=2, n_train=128, n_test=64, context=64,
-                                   steps=600, batch_size=16, sgd_lrs=(0.03, 0.1, 0.3, 1.0), adam_lrs=(3e-4, 1e-3, 3e-3, 1e-2),
-                                   clip_lrs=(0.03, 0.1, 0.3, 1.0), split_lrs=(0.03, 0.1, 0.3, 1.0), curve_every=50,
-                                   record_every=5, eig_every=100, eig_examples=32, top=40, window=20)
+TEXT_OPTIMIZERS = OptimizersConfig(data="shakespeare", model="gpt", width=64, depth=2, n_train=128, n_test=64,
+                                   context=64, steps=600, batch_size=16, sgd_lrs=(0.03, 0.1, 0.3, 1.0),
+                                   adam_lrs=(3e-4, 1e-3, 3e-3, 1e-2), clip_lrs=(0.03, 0.1, 0.3, 1.0),
+                                   split_lrs=(0.03, 0.1, 0.3, 1.0), curve_every=50, record_every=5,
+                                   eig_every=100, eig_examples=32, top=40, window=20)
 PROFILES = {
     # laptop CPU, real CIFAR-10: about 25 minutes on 2 cores
     "cpu": {
@@ -184,37 +209,43 @@ PROFILES = {
         "cifar_mse": CPU_IMAGES,
         "cifar_ce": dataclasses.replace(CPU_IMAGES, activation="tanh", loss="ce", lr=0.05, steps=700, eig_k=1,
                                         eos_by=500, seeds=(0,)),
-        # the CIFAR MLP optimizer study ("optimizers" in the smoke profile) missed all of its criteria on 3 seeds
-        # (SGD / Adam oscillation 1.00; split closing -5.7 of a tiny gap): the text study is the primary one
+        # the CIFAR MLP optimizer study ("optimizers" in the smoke profile) missed all of its criteria on 3
+        # seeds (SGD / Adam oscillation 1.00; split closing -5.7 of a tiny gap): the text study is the
+        # primary one
         "text_gd": TextConfig(),
         "text_optimizers": TEXT_OPTIMIZERS,
         "planted_dose": PlantedDoseConfig(),
+        "interventions": InterventionsConfig(),
     },
     # seconds on synthetic planted images: used by the tests
     "smoke": {
         "linear": LinearConfig(large_steps=400, small_steps=1000),
         "toy": ToyConfig(steps=600),
         "toy_ce": ToyConfig(loss="ce", offset=0.75, hidden_bias=0.3, lr=0.2, steps=600),
-        "cifar_mse": ImagesConfig(data="planted", n_train=400, width=64, lr=0.15, steps=150, eig_every=10, eig_k=4,
-                                  top=10, eos_by=150),
+        "cifar_mse": ImagesConfig(data="planted", n_train=400, width=64, lr=0.15, steps=150, eig_every=10,
+                                  eig_k=4, top=10, eos_by=150),
         "cifar_ce": ImagesConfig(data="planted", n_train=400, width=64, activation="tanh", loss="ce", lr=0.2,
                                  steps=150, eig_every=10, eig_k=1, top=10, eos_by=150),
         "optimizers": OptimizersConfig(data="planted", n_train=400, n_test=200, width=32, depth=1, steps=90,
                                        batch_size=32, sgd_lrs=(0.01, 0.03), adam_lrs=(3e-4, 1e-3),
-                                       clip_lrs=(0.01, 0.03), split_lrs=(0.01, 0.03), curve_every=10, eig_every=30,
-                                       eig_examples=200, top=10, window=8, seeds=(0, 1)),
+                                       clip_lrs=(0.01, 0.03), split_lrs=(0.01, 0.03), curve_every=10,
+                                       eig_every=30, eig_examples=200, top=10, window=8, seeds=(0, 1)),
         # the text experiments read tiny Shakespeare (skipped without it): a few thousand characters
-        "text_gd": TextConfig(n_sequences=24, context=32, dim=32, depth=1, heads=2, lr=0.5, steps=150, eig_every=10,
-                              top=20, eos_by=150),
-        "text_optimizers": dataclasses.replace(TEXT_OPTIMIZERS, width=32, depth=1, n_train=24, n_test=8, context=32,
-                                               steps=60, batch_size=4, sgd_lrs=(0.1, 0.3), adam_lrs=(1e-3, 3e-3),
-                                               clip_lrs=(0.1, 0.3), split_lrs=(0.1, 0.3), curve_every=10, record_every=3,
+        "text_gd": TextConfig(n_sequences=24, context=32, dim=32, depth=1, heads=2, lr=0.5, steps=150,
+                              eig_every=10, top=20, eos_by=150),
+        "text_optimizers": dataclasses.replace(TEXT_OPTIMIZERS, width=32, depth=1, n_train=24, n_test=8,
+                                               context=32, steps=60, batch_size=4, sgd_lrs=(0.1, 0.3),
+                                               adam_lrs=(1e-3, 3e-3), clip_lrs=(0.1, 0.3),
+                                               split_lrs=(0.1, 0.3), curve_every=10, record_every=3,
                                                eig_every=30, eig_examples=8, top=10, window=6, seeds=(0, 1)),
         "planted_dose": PlantedDoseConfig(strengths=(0.0, 0.5, 1.0), fractions=(0.25,), steps=120),
+        "interventions": InterventionsConfig(n_train=200, steps=100, eig_every=10, window=30, fractions=(0.05,),
+                                             n_probe=50),
     },
-    # one GPU: full-size networks; the whole profile is meant to take under 10 minutes on an H200. The VGG-11 and
-    # ResNet-18 settings come from a calibration on CPU (widths 16-64, n 16-1,024): with their small-output init
-    # the sharpness starts near 10-14, 0.25-0.35 of 2/lr = 40, and rises 3-5x to 2/lr within 60-125 steps there.
+    # one GPU: full-size networks; the whole profile is meant to take under 10 minutes on an H200. The VGG-11
+    # and ResNet-18 settings come from a calibration on CPU (widths 16-64, n 16-1,024): with their
+    # small-output init the sharpness starts near 10-14, 0.25-0.35 of 2/lr = 40, and rises 3-5x to 2/lr within
+    # 60-125 steps there.
     "gpu": {
         "linear": LinearConfig(),
         "toy": ToyConfig(),
@@ -225,16 +256,20 @@ PROFILES = {
                                  eig_k=4, eos_by=600),
         "cifar_ce": ImagesConfig(model="vit", width=128, depth=4, loss="ce", n_train=2000, lr=0.05, steps=800,
                                  eig_every=25, eig_k=1, eos_by=400),
-        # a larger GPT and context; lr 0.08: on CPU this model (32 sequences) starts at 4.4 and passes 2/lr = 13
-        # at step 20 under lr 0.15, too early for progressive sharpening, so 2/lr = 25 here (unmeasured)
+        # a larger GPT and context; lr 0.08: on CPU this model (32 sequences) starts at 4.4 and passes
+        # 2/lr = 13 at step 20 under lr 0.15, too early for progressive sharpening, so 2/lr = 25 here
+        # (unmeasured)
         "text_gd": TextConfig(n_sequences=256, context=128, dim=128, depth=4, heads=4, lr=0.08, steps=1200,
                               eig_every=30, top=120, eos_by=900),
         # the primary optimizer study on a GPU (the paper has its Adam-versus-SGD case on transformers)
         "text_optimizers": dataclasses.replace(TEXT_OPTIMIZERS, width=128, depth=4, context=128, n_train=512,
-                                               n_test=128, steps=1000, batch_size=32, sgd_lrs=(0.03, 0.1, 0.3),
-                                               adam_lrs=(3e-4, 1e-3, 3e-3), clip_lrs=(0.03, 0.1, 0.3),
-                                               split_lrs=(0.03, 0.1, 0.3), eig_examples=64, top=80, seeds=(0, 1, 2)),
+                                               n_test=128, steps=1000, batch_size=32,
+                                               sgd_lrs=(0.03, 0.1, 0.3), adam_lrs=(3e-4, 1e-3, 3e-3),
+                                               clip_lrs=(0.03, 0.1, 0.3), split_lrs=(0.03, 0.1, 0.3),
+                                               eig_examples=64, top=80, seeds=(0, 1, 2)),
         "planted_dose": PlantedDoseConfig(),
+        # the CPU profile's CIFAR-10 MLP (seconds per run on a GPU); a GPU-sized image model is not calibrated yet
+        "interventions": InterventionsConfig(),
     },
 }
 
@@ -281,7 +316,8 @@ def save_figure(fig, path):
 
 @contextlib.contextmanager
 def single_thread():
-    """Run tiny float64 problems on one thread: with several, synchronization costs more than the arithmetic."""
+    """Run tiny float64 problems on one thread: with several, synchronization costs more than the
+    arithmetic."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -319,7 +355,8 @@ def combine_seeds(per_seed, log=print):
         finite = [v for v in values if math.isfinite(v)]
         where = (f"per seed: {', '.join(f'{v:.3g}' for v in values)}; met on {sum(r['met'] for r in rows)}/"
                  f"{len(rows)} seeds")
-        combined.append(criterion(rows[0]["name"], np.median(finite) if len(finite) == len(values) else math.nan,
+        combined.append(criterion(rows[0]["name"],
+                                  np.median(finite) if len(finite) == len(values) else math.nan,
                                   rows[0]["target"], rows[0]["source"], where=where, log=log))
     return combined
 
@@ -351,7 +388,8 @@ def build_model(cfg, in_shape, seed, num_classes=10):
     raise ValueError(f"unknown model {cfg.model!r}: use mlp, cnn, vgg11, resnet18, vit or gpt")
 
 
-# ----------------------------------------------------------------------------- experiment: images (cifar_mse, cifar_ce, ...)
+# ----------------------------------------------------------------------------- experiment: images
+# (cifar_mse, cifar_ce, ...)
 
 def selection_hook(cfg, loss_fn, x, y, then=None):
     """What every GD experiment measures at each sharpness measurement, besides the eigenvalues: the opposing
@@ -362,12 +400,14 @@ def selection_hook(cfg, loss_fn, x, y, then=None):
         found = osig.opposing_groups(model, loss_fn, x, y, cfg.lr, eigenvectors, top=cfg.top, seed=step)
         found.pop("loss_change_all")
         v = eigenvectors[:, 0]
-        reach = cfg.lr * abs(float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]) @ v))  # train's g
+        # train's g
+        reach = cfg.lr * abs(float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]) @ v))
         along = osig.curvature_along(model, loss_fn, x, y, v, (-reach, reach), cfg.chunk or None)
         owners = osig.per_example_curvature(model, loss_fn, x, y, v, chunk=cfg.chunk or 1024)
         total, top = owners["total"], max(1, len(owners["total"]) // 100)
         record = {"groups": found, "step_curvature": along.mean(), "owners": {
-            "top1": np.sort(total)[-top:].sum() / total.sum(), "outliers": total[found["index"]].sum() / total.sum(),
+            "top1": np.sort(total)[-top:].sum() / total.sum(),
+            "outliers": total[found["index"]].sum() / total.sum(),
             "ratio": total[found["index"]].mean() / max(total[found["random_index"]].mean(), 1e-300),
             "residual": owners["residual"].sum() / total.sum()}}
         return dict(record, **(then(step, model, eigenvalues, eigenvectors) if then else {}))
@@ -382,12 +422,14 @@ def images_run(cfg, seed, device, log):
     x, mean, std = osig.normalize(images)
     x, y = x.to(device), labels.to(device)
     sky, no_sky = osig.sky_groups(images)
-    sky_rgb = images[sky][:, :8].reshape(-1, 3).float().mean(0) if sky.any() else torch.tensor([80.0, 150, 255])
-    probes = torch.cat([osig.uniform_probe(rgb, mean, std, images.shape[1]) for rgb in (sky_rgb, GREY, GREEN)])
+    sky_rgb = images[sky][:, :8].reshape(-1, 3).float().mean(0) if sky.any() else \
+        torch.tensor([80.0, 150, 255])
+    probes = torch.cat([osig.uniform_probe(rgb, mean, std, images.shape[1])
+                        for rgb in (sky_rgb, GREY, GREEN)])
     model, loss_fn = build_model(cfg, x.shape[1:], seed).to(device), LOSSES[cfg.loss]
-    log(f"  seed {seed}: {len(x)} images, {int(sky.sum())} with a sky background and {int(no_sky.sum())} clearly "
-        f"without (sky colour RGB {sky_rgb.round().int().tolist()}), {sum(p.numel() for p in model.parameters())} "
-        f"parameters")
+    log(f"  seed {seed}: {len(x)} images, {int(sky.sum())} with a sky background and {int(no_sky.sum())} "
+        f"clearly without (sky colour RGB {sky_rgb.round().int().tolist()}), "
+        f"{sum(p.numel() for p in model.parameters())} parameters")
 
     sharpness = osig.sharpness_measure(loss_fn, x, y, cfg.eig_every, cfg.eig_k, cfg.chunk or None,
                                        then=selection_hook(cfg, loss_fn, x, y))
@@ -400,14 +442,16 @@ def images_run(cfg, seed, device, log):
 
     history = osig.train(model, x, y, loss_fn, torch.optim.SGD(model.parameters(), lr=cfg.lr), cfg.steps,
                          chunk=cfg.chunk or None, measure=measure, seed=seed, log=log)
-    return dict(history=history, images=images, labels=labels.numpy(), sky=sky.numpy(), no_sky=no_sky.numpy(),
-                sky_rgb=sky_rgb.numpy(), planted=None if planted is None else planted.numpy(), features=x.cpu())
+    return dict(history=history, images=images, labels=labels.numpy(), sky=sky.numpy(),
+                no_sky=no_sky.numpy(), sky_rgb=sky_rgb.numpy(),
+                planted=None if planted is None else planted.numpy(), features=x.cpu())
 
 
 def gd_criteria(cfg, history, log):
     """The criteria every full-batch GD experiment shares (nan, so not met, where the run gives nothing to
-    measure): progressive sharpening to 2/lr and the hover there, spikes, the heavy tail of loss changes, and the
-    opposing groups' alignment, gradient split and anti-phase, each against its control. Returns (criteria, analysis)."""
+    measure): progressive sharpening to 2/lr and the hover there, spikes, the heavy tail of loss changes, and
+    the opposing groups' alignment, gradient split and anti-phase, each against its control. Returns
+    (criteria, analysis)."""
     nan = math.nan
     losses = history["per_example_loss"].astype(np.float64)
     eig_step, eigenvalues = osig.measured(history, "eigenvalues")
@@ -415,11 +459,11 @@ def gd_criteria(cfg, history, log):
     first = eos["first"]
     reached = first is not None and len(losses) - first >= 50
     c = []
-    c.append(criterion("first step with sharpness >= 2/lr", nan if first is None else first, f"<= {cfg.eos_by}",
-                       "choice", log=log))
+    c.append(criterion("first step with sharpness >= 2/lr", nan if first is None else first,
+                       f"<= {cfg.eos_by}", "choice", log=log))
     c.append(criterion("sharpness at step 0 / (2/lr)", eos["initial_ratio"], "<= 0.7", "choice", log=log))
-    c.append(criterion("rise of the sharpness from its early minimum to the crossing", eos["rise"], ">= 3", "choice",
-                       log=log))
+    c.append(criterion("rise of the sharpness from its early minimum to the crossing", eos["rise"], ">= 3",
+                       "choice", log=log))
     c.append(criterion("median |sharpness / (2/lr) - 1| from the crossing on", eos["hover"], "<= 0.15",
                        "paper (hover at 2/lr); tolerance: choice", log=log))
     _, step_curvature = osig.measured(history, "step_curvature")
@@ -427,41 +471,47 @@ def gd_criteria(cfg, history, log):
     after_crossing = eig_step[:len(step_curvature)] >= (first if reached else np.inf)
     step_scale = (np.median(step_curvature[after_crossing]) * cfg.lr / 2, np.median(ratio[after_crossing])) \
         if after_crossing.any() else (nan, nan)
-    c.append(criterion("median |curvature along the top eigenvector one GD step away / (2/lr) - 1| from the crossing on",
-                       abs(step_scale[0] - 1), "<= 0.15", "paper (hover at 2/lr); tolerance: the hover's",
-                       where=f"{step_scale[0]:.2f} x 2/lr, {step_scale[1]:.2f} x the sharpness at the iterate", log=log))
+    c.append(criterion("median |curvature along the top eigenvector one GD step away / (2/lr) - 1| from the "
+                       "crossing on", abs(step_scale[0] - 1), "<= 0.15",
+                       "paper (hover at 2/lr); tolerance: the hover's", where=f"{step_scale[0]:.2f} x 2/lr, "
+                       f"{step_scale[1]:.2f} x the sharpness at the iterate", log=log))
     spikes = osig.loss_spikes(history["loss"])
     after = spikes[spikes[:, 0] >= first] if reached else spikes[:0]
     c.append(criterion("loss spike events after the crossing (runs of loss > 1.1 x min of previous 20 steps)",
                        len(after) if reached else nan, ">= 15", "choice", log=log))
     delta = np.diff(losses, axis=0)                                        # [T-1, N]: step t -> t+1
-    share_pre = float(np.median(osig.top_fraction_share(delta[first // 2:first]))) if reached and first > 1 else nan
+    share_pre = float(np.median(osig.top_fraction_share(delta[first // 2:first]))) if reached and first > 1 \
+        else nan
     share_post = float(np.median(osig.top_fraction_share(delta[first:]))) if reached else nan
-    c.append(criterion("heavy tail: median top-1% share of |loss change|, post-EoS / pre-EoS steps of the run",
-                       share_post / share_pre, ">= 1.5", "choice", where=f"{share_post:.3f} post vs {share_pre:.3f} "
-                       f"pre (steps {first // 2 if reached else '-'}..{first}); i.i.d. Gaussian gives 0.036", log=log))
+    c.append(criterion("heavy tail: median top-1% share of |loss change|, post-EoS / pre-EoS steps of the "
+                       "run", share_post / share_pre, ">= 1.5", "choice",
+                       where=f"{share_post:.3f} post vs {share_pre:.3f} pre (steps "
+                       f"{first // 2 if reached else '-'}..{first}); i.i.d. Gaussian gives 0.036", log=log))
     selections = [(m["step"], m["groups"]) for m in history["measured"] if "groups" in m]
     post = [(s, g) for s, g in selections if reached and s >= first and s + 12 < len(losses)]
     pre = [g for s, g in selections if reached and first // 2 <= s < first]
     cos_post = np.median(np.concatenate([g["cos_subspace"] for _, g in post])) if post else nan
     cos_pre = np.median(np.concatenate([g["cos_subspace"] for g in pre])) if pre else nan
-    c.append(criterion(f"median cos(g_i, top-{cfg.eig_k} eigenspace) of the top-{cfg.top} outliers: post-EoS / "
-                       "pre-EoS selections", cos_post / cos_pre, ">= 1.5", "choice",
-                       where=f"{cos_post:.3f} vs {cos_pre:.3f} ({len(post)} and {len(pre)} selections)", log=log))
+    c.append(criterion(f"median cos(g_i, top-{cfg.eig_k} eigenspace) of the top-{cfg.top} outliers: "
+                       "post-EoS / pre-EoS selections", cos_post / cos_pre, ">= 1.5", "choice",
+                       where=f"{cos_post:.3f} vs {cos_pre:.3f} ({len(post)} and {len(pre)} selections)",
+                       log=log))
     both = np.mean([g["n_up"] >= 5 and g["n_down"] >= 5 for _, g in post]) if post else nan
-    c.append(criterion(f"post-EoS selections whose top-{cfg.top} hold >= 5 going up and >= 5 going down", both,
-                       ">= 0.8", "choice", log=log))
-    cosines = np.array([(g["group_mean_cosine"], g["group_mean_cosine_random"]) for _, g in post]).reshape(-1, 2)
+    c.append(criterion(f"post-EoS selections whose top-{cfg.top} hold >= 5 going up and >= 5 going down",
+                       both, ">= 0.8", "choice", log=log))
+    cosines = np.array([(g["group_mean_cosine"], g["group_mean_cosine_random"])
+                        for _, g in post]).reshape(-1, 2)
     gap = float(np.nanmedian(cosines[:, 0] - cosines[:, 1])) if post else nan
-    c.append(criterion("cosine of the two predicted groups' mean gradients: outliers minus random examples split by "
-                       "the same rule (median)", gap, "<= -0.2", "choice", where=f"outliers "
+    c.append(criterion("cosine of the two predicted groups' mean gradients: outliers minus random examples "
+                       "split by the same rule (median)", gap, "<= -0.2", "choice", where=f"outliers "
                        f"{np.nanmedian(cosines[:, 0]) if post else nan:.2f}, random "
                        f"{np.nanmedian(cosines[:, 1]) if post else nan:.2f}", log=log))
     antiphase = np.array([osig.post_selection_correlation(losses, s, g["index"][g["loss_change"] > 0],
                                                           g["index"][g["loss_change"] <= 0], seed=s)
                           for s, g in post]).reshape(-1, 2)
-    c.append(criterion("anti-phase after selection: corr(up, down) minus a random split of the same outliers (median)",
-                       np.nanmedian(antiphase[:, 0] - antiphase[:, 1]) if post else nan, "<= -0.6", "choice",
+    c.append(criterion("anti-phase after selection: corr(up, down) minus a random split of the same "
+                       "outliers (median)", np.nanmedian(antiphase[:, 0] - antiphase[:, 1]) if post else nan,
+                       "<= -0.6", "choice",
                        where=f"selected {np.nanmedian(antiphase[:, 0]) if post else nan:.2f}, random split "
                        f"{np.nanmedian(antiphase[:, 1]) if post else nan:.2f}", log=log))
     owner_steps = np.array([m["step"] for m in history["measured"] if "owners" in m])
@@ -469,13 +519,15 @@ def gd_criteria(cfg, history, log):
               for key in ("top1", "outliers", "ratio", "residual")}
     late = owner_steps >= (first if reached else np.inf)
     early = (owner_steps < (first if reached else 0)) & (owner_steps >= (first // 2 if reached else 0))
-    c.append(criterion(f"who owns the top eigenvector's curvature: the top-{cfg.top} outliers' curvature per example "
-                       "/ random examples' (median after the crossing)", np.median(owners["ratio"][late]) if late.any()
-                       else nan, ">= 10", "paper (its reading predicts 10x or more)", where=(
-                           f"before the crossing {np.median(owners['ratio'][early]) if early.any() else nan:.3g}; top 1% "
-                           f"of examples carry {np.median(owners['top1'][late]) if late.any() else nan:.2f} of it after "
-                           f"({np.median(owners['top1'][early]) if early.any() else nan:.2f} before); the residual term "
-                           f"is {np.median(owners['residual'][late]) if late.any() else nan:.2f} of it"), log=log))
+    c.append(criterion(f"who owns the top eigenvector's curvature: the top-{cfg.top} outliers' curvature per "
+                       "example / random examples' (median after the crossing)",
+                       np.median(owners["ratio"][late]) if late.any() else nan, ">= 10",
+                       "paper (its reading predicts 10x or more)", where=f"before the crossing "
+                       f"{np.median(owners['ratio'][early]) if early.any() else nan:.3g}; top 1% of "
+                       f"examples carry {np.median(owners['top1'][late]) if late.any() else nan:.2f} of it "
+                       f"after ({np.median(owners['top1'][early]) if early.any() else nan:.2f} before); "
+                       f"the residual term is "
+                       f"{np.median(owners['residual'][late]) if late.any() else nan:.2f} of it", log=log))
     return c, dict(eos=eos, first=first, reached=reached, spikes=after, delta=delta, post=post, losses=losses,
                    owners=(owner_steps, owners),
                    window=slice(first, len(losses)) if reached else slice(0, 0), eig_step=eig_step,
@@ -487,8 +539,8 @@ def image_criteria(cfg, run, a, log):
     """The image-only criteria: opposing pairs against the class-matched null, planted precision, the sky pair
     against size-matched no-sky pairs, and the sky probe against grey and green probes. Returns criteria and
     adds the probe preferences, the sky contrast and the class pairs to the analysis `a`."""
-    history, labels, losses, post, window, reached, nan = (run["history"], run["labels"], a["losses"], a["post"],
-                                                            a["window"], a["reached"], math.nan)
+    history, labels, losses, post, window, reached, nan = (run["history"], run["labels"], a["losses"],
+                                                            a["post"], a["window"], a["reached"], math.nan)
     c = []
 
 
@@ -497,39 +549,42 @@ def image_criteria(cfg, run, a, log):
         outliers = np.zeros(len(labels), dtype=bool)
         outliers[g["index"]] = True
         significance.append(osig.pair_significance(
-            run["features"], labels, g["index"][g["loss_change"] > 0], g["index"][g["loss_change"] <= 0], ~outliers,
-            series=losses[s + 2:s + 42], seed=s))
+            run["features"], labels, g["index"][g["loss_change"] > 0], g["index"][g["loss_change"] <= 0],
+            ~outliers, series=losses[s + 2:s + 42], seed=s))
     significant = [r["coherence_p"] < 0.01 and r["antiphase_p"] < 0.01 for r in significance]
+    coherence = np.nanmedian([r["coherence"] for r in significance]) if significance else nan
+    coherence_null = np.nanmedian([r["coherence_null"] for r in significance]) if significance else nan
     c.append(criterion("post-EoS pairs beating the class-matched null (coherence and anti-phase, p < 0.01)",
                        np.mean(significant) if significance else nan, ">= 0.5", "choice", where=(
-                           f"{len(significance)} pairs; median coherence "
-                           f"{np.nanmedian([r['coherence'] for r in significance]) if significance else nan:.3f} vs "
-                           f"null {np.nanmedian([r['coherence_null'] for r in significance]) if significance else nan:.3f}"),
-                       log=log))
+                           f"{len(significance)} pairs; median coherence {coherence:.3f} vs null "
+                           f"{coherence_null:.3f}"), log=log))
     if run["planted"] is not None:
-        precision = np.mean(np.concatenate([run["planted"][g["index"]] > 0 for _, g in post])) if post else nan
-        c.append(criterion("precision: post-EoS outliers that are planted", precision, ">= 0.9", "choice", log=log))
+        precision = np.mean(np.concatenate([run["planted"][g["index"]] > 0
+                                            for _, g in post])) if post else nan
+        c.append(criterion("precision: post-EoS outliers that are planted", precision, ">= 0.9", "choice",
+                           log=log))
     planes, others = labels == AIRPLANE, np.isin(labels, (BIRD, SHIP))
     sky, no_sky = run["sky"], run["no_sky"]
     contrast = osig.group_pair_contrast(losses[window], sky & planes, sky & others, no_sky & planes,
                                         no_sky & others, seed=0) if reached else dict.fromkeys(
         ("pair", "control", "contrast", "low", "high"), nan)
-    c.append(criterion("corr of loss changes, sky airplanes vs sky birds/ships (post-EoS)", contrast["pair"], "<= -0.6",
-                       "choice", log=log))
-    c.append(criterion("sky contrast: size-matched no-sky pairs minus the sky pair", contrast["contrast"], ">= 0.3",
-                       "choice", where=f"95% CI {contrast['low']:.2f}..{contrast['high']:.2f}; no-sky pairs "
-                       f"{contrast['control']:.2f}", log=log))
+    c.append(criterion("corr of loss changes, sky airplanes vs sky birds/ships (post-EoS)", contrast["pair"],
+                       "<= -0.6", "choice", log=log))
+    c.append(criterion("sky contrast: size-matched no-sky pairs minus the sky pair", contrast["contrast"],
+                       ">= 0.3", "choice", where=f"95% CI {contrast['low']:.2f}..{contrast['high']:.2f}; "
+                       f"no-sky pairs {contrast['control']:.2f}", log=log))
     outputs = np.stack([m["probe_output"] for m in history["measured"]]).astype(np.float64)   # [T, 3, C]
     preference = outputs[:, :, AIRPLANE] - outputs[:, :, [BIRD, SHIP]].mean(-1)               # [T, 3 probes]
     amplitude = [np.abs(np.diff(preference[window, p])).mean() if reached else nan for p in range(3)]
     c.append(criterion("the sky probe's airplane vs bird/ship preference moves more than grey's and green's: "
-                       "mean |change| ratio", amplitude[0] / max(amplitude[1], amplitude[2]), ">= 2", "choice",
-                       where="sky, grey, green: " + ", ".join(f"{a:.3g}" for a in amplitude), log=log))
+                       "mean |change| ratio", amplitude[0] / max(amplitude[1], amplitude[2]), ">= 2",
+                       "choice", where="sky, grey, green: " + ", ".join(f"{a:.3g}" for a in amplitude),
+                       log=log))
     tracking = [abs(osig.change_correlation(preference[window, 0], losses[window][:, group].mean(1)))
                 if reached and group.any() else nan for group in (sky & planes, no_sky & planes)]
     c.append(criterion("the sky probe tracks sky airplanes better than no-sky airplanes: |corr| difference",
-                       tracking[0] - tracking[1], ">= 0.2", "choice", where=f"{tracking[0]:.2f} vs {tracking[1]:.2f}",
-                       log=log))
+                       tracking[0] - tracking[1], ">= 0.2", "choice",
+                       where=f"{tracking[0]:.2f} vs {tracking[1]:.2f}", log=log))
     a.update(preference=preference, contrast=contrast, pairs=osig.class_pairs(
         labels, [(g["index"][g["loss_change"] > 0], g["index"][g["loss_change"] <= 0]) for _, g in post],
         osig.CIFAR10_CLASSES))
@@ -547,11 +602,12 @@ def run_images(cfg, out, device, log=print):
         if run["history"]["diverged"]:
             notes.append(f"seed {seed}: {run['history']['diverged']}")
         if analysis["eos"]["first"] is None:
-            notes.append(f"seed {seed}: the run never reached the edge of stability, so every criterion that needs "
-                         f"it is nan (not met): raise lr or steps")
+            notes.append(f"seed {seed}: the run never reached the edge of stability, so every criterion that "
+                         f"needs it is nan (not met): raise lr or steps")
         notes.append(f"seed {seed}: linearization check (balanced accuracy of the gradient split's up/down "
-                     f"prediction, a first-order Taylor identity, not evidence) {analysis['linearization']:.2f}; "
-                     f"class pairs (majority class going up vs going down, over post-EoS selections): " +
+                     f"prediction, a first-order Taylor identity, not evidence) "
+                     f"{analysis['linearization']:.2f}; class pairs (majority class going up vs going down, "
+                     f"over post-EoS selections): " +
                      (", ".join(f"{a} vs {b} ({n})" for (a, b), n in analysis["pairs"][:5]) or "none"))
         if seed == cfg.seeds[0]:
             figures = images_figures(cfg, run, analysis, out)
@@ -560,8 +616,9 @@ def run_images(cfg, out, device, log=print):
                      eig_step=analysis["eig_step"], eigenvalues=analysis["eigenvalues"], sky=run["sky"],
                      no_sky=run["no_sky"], preference=analysis["preference"])
     criteria = combine_seeds(per_seed, log) if len(per_seed) > 1 else per_seed[0]
-    seeds_table = {"seeds": list(cfg.seeds), "rows": [[row["name"], [r["value"] for r in rows], [r["met"] for r in rows]]
-                                                      for rows, row in zip(zip(*per_seed), per_seed[0])]}
+    seeds_table = {"seeds": list(cfg.seeds),
+                   "rows": [[row["name"], [r["value"] for r in rows], [r["met"] for r in rows]]
+                            for rows, row in zip(zip(*per_seed), per_seed[0])]}
     return {"criteria": criteria, "figures": figures, "notes": notes, "per_seed": seeds_table}
 
 
@@ -582,11 +639,13 @@ def owners_figure(cfg, a, path):
 
 
 def images_figures(cfg, run, analysis, out):
-    """eos.png, loss_changes.png, groups.png, sky_groups.png, sky_probe.png of one run. Returns their names."""
+    """eos.png, loss_changes.png, groups.png, sky_groups.png, sky_probe.png of one run. Returns their
+    names."""
     history, eos, losses = run["history"], analysis["eos"], run["history"]["per_example_loss"]
     first, labels = eos["first"], run["labels"]
-    fig = osig.plot_loss_and_sharpness(history["step"], history["loss"], analysis["eig_step"], analysis["eigenvalues"],
-                                       cfg.lr, f"{cfg.model} ({cfg.activation if cfg.model == 'mlp' else cfg.width}), "
+    fig = osig.plot_loss_and_sharpness(history["step"], history["loss"], analysis["eig_step"],
+                                       analysis["eigenvalues"], cfg.lr, f"{cfg.model} "
+                                       f"({cfg.activation if cfg.model == 'mlp' else cfg.width}), "
                                        f"{cfg.loss}, n={cfg.n_train}, lr={cfg.lr}", analysis["spikes"])
     save_figure(fig, out / "eos.png")
     owners_figure(cfg, analysis, out / "owners.png")
@@ -603,17 +662,18 @@ def images_figures(cfg, run, analysis, out):
                      f"{100 * (delta[t] > 0).mean():.0f}% go up", fontsize=8)
         ax.set_xlabel("per-example loss change in one step")
     save_figure(fig, out / "loss_changes.png")
-    shown = [analysis["post"][i] for i in np.linspace(0, len(analysis["post"]) - 1, min(3, len(analysis["post"])))
-             .astype(int)]
+    shown = [analysis["post"][i]
+             for i in np.linspace(0, len(analysis["post"]) - 1, min(3, len(analysis["post"]))).astype(int)]
     fig, axes = plt.subplots(2 * len(shown), 10, figsize=(10, 2.3 * len(shown)), squeeze=False)
     for row, (step, g) in enumerate(shown):
         for side, up in enumerate((True, False)):
             members = g["index"][g["predicted_up"] == up][:10]
             osig.plot_image_grid(axes[2 * row + side], run["images"][members].numpy(),
                                  [osig.CIFAR10_CLASSES[labels[i]] for i in members])
-            axes[2 * row + side][0].text(-40, 16, f"step {step}\npredicted {'up' if up else 'down'}", fontsize=6,
-                                         ha="right", va="center")
-    fig.suptitle("outliers of one GD step, split by the sign of their gradient along the sharp direction", fontsize=8)
+            axes[2 * row + side][0].text(-40, 16, f"step {step}\npredicted {'up' if up else 'down'}",
+                                         fontsize=6, ha="right", va="center")
+    fig.suptitle("outliers of one GD step, split by the sign of their gradient along the sharp direction",
+                 fontsize=8)
     save_figure(fig, out / "groups.png")
     zoom = slice(first, min(T, first + 200))
     planes, others = labels == AIRPLANE, np.isin(labels, (BIRD, SHIP))
@@ -626,8 +686,8 @@ def images_figures(cfg, run, analysis, out):
         ax.legend(fontsize=7)
     contrast = analysis["contrast"]
     axes[0].set_title(f"sky pair: corr of loss changes {contrast['pair']:.2f}; size-matched no-sky pairs "
-                      f"{contrast['control']:.2f} (contrast {contrast['contrast']:.2f}, 95% CI {contrast['low']:.2f}.."
-                      f"{contrast['high']:.2f})", fontsize=8)
+                      f"{contrast['control']:.2f} (contrast {contrast['contrast']:.2f}, 95% CI "
+                      f"{contrast['low']:.2f}..{contrast['high']:.2f})", fontsize=8)
     for p, name in enumerate(("sky-coloured", "grey", "green")):
         axes[2].plot(history["step"][zoom], analysis["preference"][zoom, p], lw=0.9, label=f"{name} probe")
     axes[2].set_ylabel("probe: out[airplane] - out[bird, ship]")
@@ -640,8 +700,10 @@ def images_figures(cfg, run, analysis, out):
 # ----------------------------------------------------------------------------- experiment: linear
 
 def linear_run(cfg, alpha, lr, steps, log):
-    """Full-batch GD on the two-layer linear model; every step records the Lanczos sharpness and the theory's quantities."""
-    x, y, sign = osig.make_opposing_signal_data(cfg.n_pairs, cfg.n_plain, alpha, cfg.scales, offset=cfg.offset, seed=cfg.seed)
+    """Full-batch GD on the two-layer linear model; every step records the Lanczos sharpness and the theory's
+    quantities."""
+    x, y, sign = osig.make_opposing_signal_data(cfg.n_pairs, cfg.n_plain, alpha, cfg.scales,
+                                                offset=cfg.offset, seed=cfg.seed)
     model = osig.TwoLayerLinear(x.shape[1], cfg.width, cfg.init_scale, seed=cfg.seed)
     signal_moment = float((x[:, 0] ** 2).mean())
     plus, minus = sign > 0, sign < 0
@@ -650,7 +712,8 @@ def linear_run(cfg, alpha, lr, steps, log):
         with torch.no_grad():
             residual = model(x)[:, 0] - y
             losses = 0.5 * residual ** 2
-            return {"opposing_weight": osig.opposing_weight(model), "prediction": osig.predicted_sharpness(model, signal_moment),
+            return {"opposing_weight": osig.opposing_weight(model),
+                    "prediction": osig.predicted_sharpness(model, signal_moment),
                     "rayleigh_quotient": osig.opposing_rayleigh_quotient(model, x, y),
                     "loss_plus": float(losses[plus].mean()), "loss_minus": float(losses[minus].mean()),
                     "b_norm_sq": float(model.b @ model.b), "a_norm_sq": float(model.A[:, 0] @ model.A[:, 0]),
@@ -671,22 +734,26 @@ def linear_run(cfg, alpha, lr, steps, log):
 
 
 def plot_linear(runs, path, zoom_path):
-    """linear.png: per run (columns) loss and group losses, sharpness vs prediction vs 2/lr, opposing weight."""
+    """linear.png: per run (columns) loss and group losses, sharpness vs prediction vs 2/lr, opposing
+    weight."""
     titles = {"large_lr": "large lr", "small_lr": "small lr", "control": "control: small α"}
     fig, axes = plt.subplots(3, 3, figsize=(15, 10), sharex="col")
     for column, (name, run) in enumerate(runs.items()):
         steps = np.arange(len(run["loss"]))
         ax = axes[0, column]
         # even steps only: during a period-2 oscillation the groups swap on odd steps, so this separates them
-        ax.semilogy(steps[::2], run["loss_plus"][::2], color="tab:red", lw=0.8, label="group s=+1 (even steps)")
-        ax.semilogy(steps[::2], run["loss_minus"][::2], color="tab:blue", lw=0.8, label="group s=−1 (even steps)")
+        ax.semilogy(steps[::2], run["loss_plus"][::2], color="tab:red", lw=0.8,
+                    label="group s=+1 (even steps)")
+        ax.semilogy(steps[::2], run["loss_minus"][::2], color="tab:blue", lw=0.8,
+                    label="group s=−1 (even steps)")
         ax.semilogy(steps, run["loss"], color="k", lw=1.2, label="total loss")
         ax.set_title(f"{titles[name]}: α = {run['alpha']:g}, lr = {run['lr']:g}")
         ax.legend(fontsize=8)
         ax = axes[1, column]
         ax.plot(steps, run["sharpness"], color="k", lw=1.2, label="sharpness (Lanczos)")
         ax.plot(steps, run["prediction"], color="tab:orange", lw=1, ls="--", label="p·α²·(|Ae_o|²+|b|²)")
-        ax.plot(steps, run["rayleigh_quotient"], color="tab:cyan", lw=0.8, ls=":", label="full Rayleigh quotient")
+        ax.plot(steps, run["rayleigh_quotient"], color="tab:cyan", lw=0.8, ls=":",
+                label="full Rayleigh quotient")
         ax.axhline(2 / run["lr"], color="tab:green", ls=":", label="2/lr")
         ax.axhline(run["signal_moment"] * run["genuine_target_norm"], color="tab:purple", lw=0.8, ls="-.",
                    label="p·α²·|β|")
@@ -718,7 +785,8 @@ def plot_linear(runs, path, zoom_path):
     axes[1].set_ylabel("opposing weight (Ae_o)·b")
     axes[2].plot(window, run["sharpness"][window], "o-", color="k", ms=3, lw=0.8, label="sharpness")
     axes[2].plot(window, run["prediction"][window], "--", color="tab:orange", label="p·α²·(|Ae_o|²+|b|²)")
-    axes[2].plot(window, run["rayleigh_quotient"][window], ":", color="tab:cyan", label="full Rayleigh quotient")
+    axes[2].plot(window, run["rayleigh_quotient"][window], ":", color="tab:cyan",
+                 label="full Rayleigh quotient")
     axes[2].axhline(edge, color="tab:green", ls=":", label="2/lr")
     axes[2].legend(fontsize=8)
     axes[2].set_xlabel("step")
@@ -734,30 +802,36 @@ def linear_criteria(cfg, runs, log):
     large, small, control = runs["large_lr"], runs["small_lr"], runs["control"]
     edge, c = 2 / cfg.large_lr, []
     # the formula where its premise holds: the opposing curvature exceeds the residual term's norm |∇_w L|
-    counted = {name: runs[name]["prediction"] >= runs[name]["residual_term_norm"] for name in ("large_lr", "small_lr")}
-    errors = {name: np.abs(runs[name]["prediction"] / runs[name]["sharpness"] - 1)[counted[name]] for name in counted}
-    within = sum(int((e <= 0.05).sum()) for e in errors.values()) / max(1, sum(len(e) for e in errors.values()))
-    c.append(criterion("formula p·α²·(|Ae_o|²+|b|²) within 5% of the Lanczos sharpness: fraction of counted steps",
-                       within, ">= 0.99", "choice", where=f"counted: the {sum(len(e) for e in errors.values())} of "
-                       f"{len(large['loss']) + len(small['loss'])} steps of the two α={cfg.alpha:g} runs where the "
-                       f"formula exceeds |∇_w L|", log=log))
+    counted = {name: runs[name]["prediction"] >= runs[name]["residual_term_norm"]
+               for name in ("large_lr", "small_lr")}
+    errors = {name: np.abs(runs[name]["prediction"] / runs[name]["sharpness"] - 1)[counted[name]]
+              for name in counted}
+    within = (sum(int((e <= 0.05).sum()) for e in errors.values())
+              / max(1, sum(len(e) for e in errors.values())))
+    c.append(criterion("formula p·α²·(|Ae_o|²+|b|²) within 5% of the Lanczos sharpness: fraction of counted "
+                       "steps", within, ">= 0.99", "choice",
+                       where=f"counted: the {sum(len(e) for e in errors.values())} of "
+                       f"{len(large['loss']) + len(small['loss'])} steps of the two α={cfg.alpha:g} runs "
+                       f"where the formula exceeds |∇_w L|", log=log))
     episode = osig.oscillation_episode(large["loss_plus"], large["loss_minus"], large["sharpness"], edge)
     quotient_error = float(np.abs(large["rayleigh_quotient"] / large["sharpness"] - 1)[episode].max()) \
         if episode.any() else math.nan
-    c.append(criterion("full Rayleigh quotient of the opposing direction vs Lanczos, max relative error in the "
-                       "large-lr oscillation episodes", quotient_error, "<= 0.05", "choice", where=f"{episode.sum()} steps",
-                       log=log))
+    c.append(criterion("full Rayleigh quotient of the opposing direction vs Lanczos, max relative error in "
+                       "the large-lr oscillation episodes", quotient_error, "<= 0.05", "choice",
+                       where=f"{episode.sum()} steps", log=log))
     theory_final = small["signal_moment"] * small["genuine_target_norm"]
-    c.append(criterion("small lr: |final sharpness / (p·α²·|β|) - 1|", abs(small["sharpness"][-1] / theory_final - 1),
-                       "<= 0.05", "choice", where=f"{small['sharpness'][-1]:.2f} vs {theory_final:.2f}", log=log))
+    c.append(criterion("small lr: |final sharpness / (p·α²·|β|) - 1|",
+                       abs(small["sharpness"][-1] / theory_final - 1), "<= 0.05", "choice",
+                       where=f"{small['sharpness'][-1]:.2f} vs {theory_final:.2f}", log=log))
     balance = small["b_norm_sq"][-1] / small["genuine_norm"][-1]
-    c.append(criterion("small lr: | |b|² / |w_genuine| - 1 | at the end (balanced growth)", abs(balance - 1), "<= 0.05",
-                       "choice", log=log))
+    c.append(criterion("small lr: | |b|² / |w_genuine| - 1 | at the end (balanced growth)", abs(balance - 1),
+                       "<= 0.05", "choice", log=log))
     c.append(criterion("small lr: period-2 fraction of the opposing weight",
                        osig.period_two_fraction(small["opposing_weight"]), "== 0", "choice", log=log))
     crossed = bool(large["sharpness"].max() >= edge)
     crossing = int(np.argmax(large["sharpness"] >= edge)) if crossed else len(large["loss"])
-    c.append(criterion("large lr: max sharpness / (2/lr)", large["sharpness"].max() / edge, ">= 1", "paper", log=log))
+    c.append(criterion("large lr: max sharpness / (2/lr)", large["sharpness"].max() / edge, ">= 1", "paper",
+                       log=log))
     alternation, pairs = osig.consecutive_sign_changes(large["loss_plus"] - large["loss_minus"], episode)
     c.append(criterion("large lr: consecutive steps where L(s=+1) - L(s=-1) changes sign, in the episodes",
                        alternation, ">= 0.8", "choice", where=f"{pairs} step pairs", log=log))
@@ -770,18 +844,20 @@ def linear_criteria(cfg, runs, log):
         steps = np.arange(start, start + int(np.argmax(np.abs(w[start:stop]))))
         growth = float(np.median(np.abs(w[steps + 1] / w[steps]) / np.abs(1 - cfg.large_lr * lam[steps])))
     c.append(criterion("large lr: |median of |w_o(t+1)/w_o(t)| / |1 - lr·sharpness_t| - 1| (growth at the "
-                       "predicted rate)", abs(growth - 1), "<= 0.05", "choice", where=f"median ratio {growth:.4f}",
-                       log=log))
+                       "predicted rate)", abs(growth - 1), "<= 0.05", "choice",
+                       where=f"median ratio {growth:.4f}", log=log))
     spike = float(large["loss"][episode].max() / large["loss"][crossing]) if episode.any() else math.nan
-    c.append(criterion("large lr: peak loss in the episodes / loss at the crossing", spike, ">= 2", "choice", log=log))
+    c.append(criterion("large lr: peak loss in the episodes / loss at the crossing", spike, ">= 2", "choice",
+                       log=log))
     hover = float(np.median(np.abs(large["sharpness"][crossing:] / edge - 1))) if crossed else math.nan
     c.append(criterion("large lr: median |sharpness/(2/lr) - 1| after the crossing", hover, "<= 0.05",
                        "paper (self-stabilization); tolerance: choice", log=log))
-    c.append(criterion("control α: max sharpness / (2/lr)", control["sharpness"].max() / edge, "< 1", "choice", log=log))
+    c.append(criterion("control α: max sharpness / (2/lr)", control["sharpness"].max() / edge, "< 1",
+                       "choice", log=log))
     c.append(criterion("control α: period-2 fraction of the opposing weight",
                        osig.period_two_fraction(control["opposing_weight"]), "== 0", "choice", log=log))
-    return c, dict(within=within, theory_final=theory_final, growth=growth, alternation=alternation, spike=spike,
-                   hover=hover, edge=edge)
+    return c, dict(within=within, theory_final=theory_final, growth=growth, alternation=alternation,
+                   spike=spike, hover=hover, edge=edge)
 
 
 def run_linear(cfg, out, device, log=print):
@@ -795,15 +871,17 @@ def run_linear(cfg, out, device, log=print):
             runs[name] = linear_run(cfg, alpha, lr, steps, log)
         plot_linear(runs, out / "linear.png", out / "linear_zoom.png")
         criteria, v = linear_criteria(cfg, runs, log)
-        save_npz(out / "linear.npz", **{f"{name}_{key}": value for name, run in runs.items() for key, value in run.items()})
+        save_npz(out / "linear.npz", **{f"{name}_{key}": value for name, run in runs.items()
+                                        for key, value in run.items()})
     large, control = runs["large_lr"], runs["control"]
-    summary = (f"The Lanczos sharpness is within 5% of p·α²·(|Ae_o|²+|b|²) on {v['within']:.1%} of the counted steps. "
-               f"At lr {cfg.small_lr} it ends at {runs['small_lr']['sharpness'][-1]:.2f} against p·α²·|β| = "
-               f"{v['theory_final']:.2f}. At lr {cfg.large_lr} it "
-               + (f"crosses 2/lr = {v['edge']:.0f} (max {large['sharpness'].max():.1f}); the groups' loss difference "
-                  f"changes sign on {v['alternation']:.0%} of episode steps, the opposing weight grows at "
-                  f"{v['growth']:.3f} times the predicted rate, the loss spikes {v['spike']:.1f}x and the sharpness then "
-                  f"stays within a median {v['hover']:.1%} of 2/lr. " if large["sharpness"].max() >= v["edge"] else
+    summary = (f"The Lanczos sharpness is within 5% of p·α²·(|Ae_o|²+|b|²) on {v['within']:.1%} of the "
+               f"counted steps. At lr {cfg.small_lr} it ends at {runs['small_lr']['sharpness'][-1]:.2f} "
+               f"against p·α²·|β| = {v['theory_final']:.2f}. At lr {cfg.large_lr} it "
+               + (f"crosses 2/lr = {v['edge']:.0f} (max {large['sharpness'].max():.1f}); the groups' loss "
+                  f"difference changes sign on {v['alternation']:.0%} of episode steps, the opposing weight "
+                  f"grows at {v['growth']:.3f} times the predicted rate, the loss spikes {v['spike']:.1f}x "
+                  f"and the sharpness then stays within a median {v['hover']:.1%} of 2/lr. "
+                  if large["sharpness"].max() >= v["edge"] else
                   f"stays below 2/lr = {v['edge']:.0f} (max {large['sharpness'].max():.1f}). ")
                + f"With α = {cfg.control_alpha:g} it peaks at {control['sharpness'].max():.1f}.")
     return {"criteria": criteria, "figures": ["linear.png", "linear_zoom.png"], "summary": summary}
@@ -812,13 +890,15 @@ def run_linear(cfg, out, device, log=print):
 # ----------------------------------------------------------------------------- experiment: toy, toy_ce
 
 def toy_run(cfg, alpha, log):
-    """Full-batch GD on the toy network; every step records sharpness, x_0 curvature, group statistics and probes."""
-    x, y, sign = osig.make_opposing_signal_data(cfg.n_pairs, cfg.n_plain, alpha, cfg.scales, offset=cfg.offset, seed=cfg.seed)
+    """Full-batch GD on the toy network; every step records sharpness, x_0 curvature, group statistics and
+    probes."""
+    x, y, sign = osig.make_opposing_signal_data(cfg.n_pairs, cfg.n_plain, alpha, cfg.scales,
+                                                offset=cfg.offset, seed=cfg.seed)
     loss_fn, outputs = osig.regression_loss, 1
     if cfg.loss == "ce":
         y, loss_fn, outputs = (y > 0).long(), osig.cross_entropy_loss, 2
-    model = osig.make_toy_network(x.shape[1], cfg.width, cfg.weight_scale, cfg.output_scale, cfg.hidden_bias, cfg.seed,
-                                  num_outputs=outputs)
+    model = osig.make_toy_network(x.shape[1], cfg.width, cfg.weight_scale, cfg.output_scale, cfg.hidden_bias,
+                                  cfg.seed, num_outputs=outputs)
     probes, grid = osig.opposing_probes(alpha, x.shape[1])
     plus, minus = sign > 0, sign < 0
     hidden = model.net[1]
@@ -834,7 +914,8 @@ def toy_run(cfg, alpha, log):
             return {"loss_plus": float(losses[plus].mean()), "loss_minus": float(losses[minus].mean()),
                     "opposing_curvature": osig.opposing_curvature(model, x),
                     "column_cosine": float(g_plus @ g_minus / (g_plus.norm() * g_minus.norm() + 1e-300)),
-                    "column_cancellation": float((g_plus + g_minus).norm() / (g_plus.norm() + g_minus.norm() + 1e-300)),
+                    "column_cancellation": float((g_plus + g_minus).norm()
+                                                 / (g_plus.norm() + g_minus.norm() + 1e-300)),
                     "active_both": float((active[plus] & active[minus]).float().mean())}
 
     def measure_with_probes(step, model, optimizer):
@@ -851,19 +932,23 @@ def toy_run(cfg, alpha, log):
     probe_output = probe_output[:, :, -1] - (probe_output[:, :, 0] if outputs == 2 else 0)
     odd, even = osig.odd_even_parts(probe_output, grid.numpy(), alpha)
     run.update(loss=history["loss"], sharpness=run.pop("eigenvalues")[:, 0], probe_output=probe_output,
-               grid=grid.numpy(), odd=odd, even=even, alpha=alpha, lr=cfg.lr, offset=cfg.offset, loss_name=cfg.loss)
+               grid=grid.numpy(), odd=odd, even=even, alpha=alpha, lr=cfg.lr, offset=cfg.offset,
+               loss_name=cfg.loss)
     return run
 
 
 
 
 def plot_toy(toy, control, path):
-    """toy.png: the full run (losses, sharpness, odd/even use of x_0), a zoom on the anti-phase oscillation, f(x_0 e_0)."""
+    """toy.png: the full run (losses, sharpness, odd/even use of x_0), a zoom on the anti-phase oscillation,
+    f(x_0 e_0)."""
     edge = 2 / toy["lr"]
     steps = np.arange(len(toy["loss"]))
-    crossing = int(np.argmax(toy["sharpness"] >= edge)) if (toy["sharpness"] >= edge).any() else len(steps) - 1
+    crossing = int(np.argmax(toy["sharpness"] >= edge)) if (toy["sharpness"] >= edge).any() else \
+        len(steps) - 1
     half_learned = min(osig.half_learned_step(toy["even"]), len(steps) - 1)
-    episode = osig.oscillation_episode(toy["loss_plus"], toy["loss_minus"], toy["sharpness"], edge) & (steps < half_learned)
+    episode = osig.oscillation_episode(toy["loss_plus"], toy["loss_minus"], toy["sharpness"], edge) \
+        & (steps < half_learned)
     gap = np.where(episode, np.abs(toy["loss_plus"] - toy["loss_minus"]), -1)
     center = int(np.argmax(gap)) if episode.any() else crossing
     window = np.arange(max(center - 20, 0), min(center + 20, len(steps)))
@@ -876,8 +961,10 @@ def plot_toy(toy, control, path):
 
     ax = axes[0, 0]
     # even steps only: in the anti-phase oscillation the groups swap on odd steps, so this separates them
-    ax.semilogy(steps[::2], toy["loss_minus"][::2], color="tab:blue", lw=0.6, label="group x_0 = −α (even steps)")
-    ax.semilogy(steps[::2], toy["loss_plus"][::2], color="tab:red", lw=0.6, label="group x_0 = +α (even steps)")
+    ax.semilogy(steps[::2], toy["loss_minus"][::2], color="tab:blue", lw=0.6,
+                label="group x_0 = −α (even steps)")
+    ax.semilogy(steps[::2], toy["loss_plus"][::2], color="tab:red", lw=0.6,
+                label="group x_0 = +α (even steps)")
     ax.semilogy(steps, toy["loss"], color="k", lw=1.2, label="total loss")
     mark(ax)
     ax.set_title(f"toy ReLU network, α = {toy['alpha']:g}, lr = {toy['lr']:g} "
@@ -885,14 +972,17 @@ def plot_toy(toy, control, path):
     ax.legend(fontsize=8)
     ax = axes[1, 0]
     ax.plot(steps, toy["sharpness"], color="k", lw=1, label="sharpness (Lanczos)")
-    ax.plot(steps, toy["opposing_curvature"], color="tab:orange", lw=0.8, ls="--", label="x_0-column curvature λmax(M)")
-    ax.plot(steps, control["sharpness"], color="gray", lw=1, label=f"control α = {control['alpha']:g}: sharpness")
+    ax.plot(steps, toy["opposing_curvature"], color="tab:orange", lw=0.8, ls="--",
+            label="x_0-column curvature λmax(M)")
+    ax.plot(steps, control["sharpness"], color="gray", lw=1,
+            label=f"control α = {control['alpha']:g}: sharpness")
     ax.axhline(edge, color="tab:green", ls=":", label="2/lr")
     mark(ax)
     ax.set_ylim(0, 1.2 * max(toy["sharpness"].max(), edge))
     ax.legend(fontsize=8)
     ax = axes[2, 0]
-    ax.plot(steps, toy["odd"], color="tab:brown", lw=0.3, label="odd part (f(αe_0) − f(−αe_0))/2: linear use of x_0")
+    ax.plot(steps, toy["odd"], color="tab:brown", lw=0.3,
+            label="odd part (f(αe_0) − f(−αe_0))/2: linear use of x_0")
     ax.plot(steps, toy["even"], color="tab:purple", lw=1.2,
             label="even part (f(αe_0) + f(−αe_0))/2 − f(0): |x_0| use")
     if toy["loss_name"] == "mse":
@@ -914,7 +1004,8 @@ def plot_toy(toy, control, path):
     ax = axes[1, 1]
     plus, minus = (int(np.argmin(np.abs(toy["grid"] - value))) for value in (toy["alpha"], -toy["alpha"]))
     ax.plot(window, toy["probe_output"][window, plus], "o-", color="tab:red", ms=3, lw=0.8, label="f(+α e_0)")
-    ax.plot(window, toy["probe_output"][window, minus], "o-", color="tab:blue", ms=3, lw=0.8, label="f(−α e_0)")
+    ax.plot(window, toy["probe_output"][window, minus], "o-", color="tab:blue", ms=3, lw=0.8,
+            label="f(−α e_0)")
     ax.plot(window, toy["odd"][window], "o-", color="tab:brown", ms=3, lw=0.8, label="odd part")
     ax.axhline(0, color="gray", lw=0.5)
     ax.set_xlabel("step")
@@ -953,70 +1044,78 @@ def toy_criteria(cfg, toy, control, log):
     half = osig.half_learned_step(toy["even"])
     early = slice(1, crossing)
     cosine = float(np.median(toy["column_cosine"][early]))
-    c.append(criterion("before 2/lr: median cosine of the two groups' gradients on the x_0 weights", cosine, "<= -0.9",
-                       "choice", where=f"steps 1..{crossing - 1}", log=log))
+    c.append(criterion("before 2/lr: median cosine of the two groups' gradients on the x_0 weights", cosine,
+                       "<= -0.9", "choice", where=f"steps 1..{crossing - 1}", log=log))
     balance = float(np.median(np.abs(toy["loss_plus"] - toy["loss_minus"])[early]
                               / ((toy["loss_plus"] + toy["loss_minus"])[early] / 2)))
-    c.append(criterion("before 2/lr: median |L(x_0>0) - L(x_0<0)| / their mean", balance, "<= 0.1", "choice", log=log))
+    c.append(criterion("before 2/lr: median |L(x_0>0) - L(x_0<0)| / their mean", balance, "<= 0.1", "choice",
+                       log=log))
     c.append(criterion("max sharpness / (2/lr)", toy["sharpness"].max() / edge, ">= 1", "paper", log=log,
                        where=f"from {toy['sharpness'][0]:.2f} at init, crossing at step {crossing}"))
-    error = float(np.median(np.abs(toy["opposing_curvature"] / toy["sharpness"] - 1)[crossing:])) if crossed else math.nan
-    c.append(criterion("after 2/lr: median |x_0-column curvature / sharpness - 1|", error, "<= 0.05", "choice", log=log))
+    error = float(np.median(np.abs(toy["opposing_curvature"] / toy["sharpness"] - 1)[crossing:])) if crossed \
+        else math.nan
+    c.append(criterion("after 2/lr: median |x_0-column curvature / sharpness - 1|", error, "<= 0.05",
+                       "choice", log=log))
     episode = osig.oscillation_episode(toy["loss_plus"], toy["loss_minus"], toy["sharpness"], edge)
     difference, steps = toy["loss_plus"] - toy["loss_minus"], np.arange(len(episode))
     alternation, pairs = osig.consecutive_sign_changes(difference, episode & (steps < half))
     alternation_after, pairs_after = osig.consecutive_sign_changes(difference, episode & (steps >= half))
-    c.append(criterion("at the edge, before |x_0| is learned: consecutive steps where L(x_0>0) - L(x_0<0) changes "
-                       "sign", alternation, ">= 0.8", "choice", where=f"{pairs} step pairs; after: "
+    c.append(criterion("at the edge, before |x_0| is learned: consecutive steps where L(x_0>0) - L(x_0<0) "
+                       "changes sign", alternation, ">= 0.8", "choice", where=f"{pairs} step pairs; after: "
                        f"{alternation_after:.2f} over {pairs_after}", log=log))
     flips, flip_pairs = osig.consecutive_sign_changes(toy["odd"], episode)
-    c.append(criterion("at the edge: consecutive steps where the pure-x_0 probe's odd part flips sign", flips, ">= 0.8",
-                       "choice", where=f"{flip_pairs} step pairs", log=log))
-    rise, control_rise = toy["sharpness"].max() - toy["sharpness"][0], control["sharpness"].max() - control["sharpness"][0]
-    c.append(criterion("sharpening (max - initial sharpness): outliers / control α", rise / control_rise, ">= 3",
-                       "choice", log=log))
+    c.append(criterion("at the edge: consecutive steps where the pure-x_0 probe's odd part flips sign", flips,
+                       ">= 0.8", "choice", where=f"{flip_pairs} step pairs", log=log))
+    rise, control_rise = (toy["sharpness"].max() - toy["sharpness"][0],
+                          control["sharpness"].max() - control["sharpness"][0])
+    c.append(criterion("sharpening (max - initial sharpness): outliers / control α", rise / control_rise,
+                       ">= 3", "choice", log=log))
     late = toy["sharpness"][int(0.9 * len(toy["sharpness"])):].mean()
-    c.append(criterion("the fall: mean sharpness over the last 10% of steps / (2/lr)", late / edge, "<= 0.9", "paper",
-                       log=log))
+    c.append(criterion("the fall: mean sharpness over the last 10% of steps / (2/lr)", late / edge, "<= 0.9",
+                       "paper", log=log))
     between = slice(crossing, half) if crossed and half > crossing else slice(0, 0)
     before = toy["sharpness"][between].mean() if between.stop > between.start else math.nan
-    c.append(criterion("the fall comes after |x_0| is learned: last-10% sharpness / mean sharpness between the "
-                       "crossing and the half-learned step", late / before, "<= 0.9", "choice",
+    c.append(criterion("the fall comes after |x_0| is learned: last-10% sharpness / mean sharpness between "
+                       "the crossing and the half-learned step", late / before, "<= 0.9", "choice",
                        where=f"half learned at step {half}", log=log))
     curvature_before = toy["opposing_curvature"][between].mean() if between.stop > between.start else math.nan
     curvature_late = toy["opposing_curvature"][int(0.9 * len(toy["sharpness"])):].mean()
-    c.append(criterion("the x_0-column curvature falls with it: last 10% / between crossing and half-learned step",
-                       curvature_late / curvature_before, "<= 0.9", "choice", log=log))
+    c.append(criterion("the x_0-column curvature falls with it: last 10% / between crossing and half-learned "
+                       "step", curvature_late / curvature_before, "<= 0.9", "choice", log=log))
     fall, control_fall = late_fall(toy["sharpness"]), late_fall(control["sharpness"])
-    c.append(criterion("the fall is the outliers' doing: fall from the peak (1 - late/max), toy minus control α",
-                       fall - control_fall, ">= 0.2", "choice", where=f"{fall:.2f} vs {control_fall:.2f}", log=log))
-    return c, dict(crossing=crossing, half=half, cosine=cosine, rise=rise / control_rise, error=error, flips=flips,
-                   alternation=alternation, alternation_after=alternation_after, late=late / edge, fall=fall,
-                   control_fall=control_fall, crossed=crossed)
+    c.append(criterion("the fall is the outliers' doing: fall from the peak (1 - late/max), toy minus "
+                       "control α", fall - control_fall, ">= 0.2", "choice",
+                       where=f"{fall:.2f} vs {control_fall:.2f}", log=log))
+    return c, dict(crossing=crossing, half=half, cosine=cosine, rise=rise / control_rise, error=error,
+                   flips=flips, alternation=alternation, alternation_after=alternation_after,
+                   late=late / edge, fall=fall, control_fall=control_fall, crossed=crossed)
 
 
 def run_toy(cfg, out, device, log=print):
     """Experiment: the toy ReLU network with the outlier feature and with a small control α (float64, CPU)."""
     with single_thread():
-        log(f"toy: alpha={cfg.alpha}, lr={cfg.lr} (2/lr = {2 / cfg.lr:.1f}), {cfg.steps} steps, loss {cfg.loss}")
+        log(f"toy: alpha={cfg.alpha}, lr={cfg.lr} (2/lr = {2 / cfg.lr:.1f}), {cfg.steps} steps, "
+            f"loss {cfg.loss}")
         toy = toy_run(cfg, cfg.alpha, log)
         log(f"toy/control: alpha={cfg.control_alpha}")
         control = toy_run(cfg, cfg.control_alpha, log)
         plot_toy(toy, control, out / "toy.png")
         criteria, v = toy_criteria(cfg, toy, control, log)
-        save_npz(out / "toy.npz", **{f"{name}_{key}": value for name, run in (("toy", toy), ("control", control))
+        save_npz(out / "toy.npz", **{f"{name}_{key}": value
+                                     for name, run in (("toy", toy), ("control", control))
                                      for key, value in run.items()})
     falls = v["late"] <= 0.9 and v["fall"] - v["control_fall"] >= 0.2
-    summary = (f"Before the edge the two groups' gradients on the x_0 weights cancel (median cosine {v['cosine']:.3f}); "
-               f"the sharpness rises {v['rise']:.1f}x more than with α = {cfg.control_alpha:g}"
-               + (f", crosses 2/lr = {2 / cfg.lr:g} at step {v['crossing']} and then tracks the x_0-column curvature "
-                  f"(median error {v['error']:.1%}); the probe's odd part flips on {v['flips']:.0%} of steps and the "
-                  f"groups' loss difference changes sign on {v['alternation']:.0%} of steps until |x_0| is half "
-                  f"learned (step {v['half']}), on {v['alternation_after']:.0%} after. " if v["crossed"] else
-                  " but never reaches 2/lr. ")
+    summary = (f"Before the edge the two groups' gradients on the x_0 weights cancel (median cosine "
+               f"{v['cosine']:.3f}); the sharpness rises {v['rise']:.1f}x more than with "
+               f"α = {cfg.control_alpha:g}"
+               + (f", crosses 2/lr = {2 / cfg.lr:g} at step {v['crossing']} and then tracks the x_0-column "
+                  f"curvature (median error {v['error']:.1%}); the probe's odd part flips on "
+                  f"{v['flips']:.0%} of steps and the groups' loss difference changes sign on "
+                  f"{v['alternation']:.0%} of steps until |x_0| is half learned (step {v['half']}), on "
+                  f"{v['alternation_after']:.0%} after. " if v["crossed"] else " but never reaches 2/lr. ")
                + (f"Over the last 10% of steps the sharpness {'falls' if falls else 'does not fall'}: "
-                  f"{v['late']:.2f} x 2/lr, {v['fall']:.0%} below its peak against {v['control_fall']:.0%} for the "
-                  f"control."))
+                  f"{v['late']:.2f} x 2/lr, {v['fall']:.0%} below its peak against {v['control_fall']:.0%} "
+                  f"for the control."))
     return {"criteria": criteria, "figures": ["toy.png"], "summary": summary}
 
 
@@ -1047,8 +1146,8 @@ def text_run(cfg, seed, device, log):
         "layer_shares": osig.layer_shares(vectors[:, 0], model, within_blocks=True)})
     history = osig.train(model, xd, yd, loss_fn, torch.optim.SGD(model.parameters(), lr=cfg.lr), cfg.steps,
                          chunk=cfg.chunk or None, measure=osig.sharpness_measure(
-                             loss_fn, xd, yd, cfg.eig_every, cfg.eig_k, cfg.chunk or None, then=hook), seed=seed,
-                         log=log)
+                             loss_fn, xd, yd, cfg.eig_every, cfg.eig_k, cfg.chunk or None, then=hook),
+                         seed=seed, log=log)
     return dict(history=history, x=x, y=y, vocabulary=vocabulary, model=model,
                 features=token_features(x, y, vocabulary))
 
@@ -1065,23 +1164,26 @@ def text_criteria(cfg, run, a, log):
     base = {name: m.mean() for name, m in features.items()}
     common = sorted((name for name in features if base[name] >= 0.01), key=lambda name: -share[name])
     c = [criterion("the outliers' most over-represented common feature (base rate >= 1%): share of their "
-                   "|loss change| / base rate", max(share[n] / base[n] for n in common) if reached else nan, ">= 3",
-                   "choice", where="; ".join(f"{n}: {share[n]:.2f} of |dloss|, {base[n]:.3f} of tokens"
-                                             for n in common[:6]), log=log)]
+                   "|loss change| / base rate", max(share[n] / base[n] for n in common) if reached else nan,
+                   ">= 3", "choice", where="; ".join(f"{n}: {share[n]:.2f} of |dloss|, {base[n]:.3f} "
+                                                     f"of tokens" for n in common[:6]), log=log)]
     # the pair: the context with the most outlier mass, and its two targets with the most
     context = next((n for n in common if n.startswith("after")), None)
     targets = sorted((n for n in features if n.startswith("target") and context),
                      key=lambda n: -mass[features[n] & features[context]].sum())[:2]
-    if reached and context and len(targets) == 2 and all(mass[features[t] & features[context]].sum() > 0 for t in targets):
+    if reached and context and len(targets) == 2 and all(mass[features[t] & features[context]].sum() > 0
+                                                         for t in targets):
         first, second = (features[context] & features[t] for t in targets)
-        contrast = osig.group_pair_contrast(losses[window], first, second, ~features[context] & features[targets[0]],
+        contrast = osig.group_pair_contrast(losses[window], first, second,
+                                            ~features[context] & features[targets[0]],
                                             ~features[context] & features[targets[1]])
         selected, shuffled = osig.post_selection_correlation(losses[window], 0, np.flatnonzero(first),
-                                                             np.flatnonzero(second), length=len(losses), gap=0)
+                                                             np.flatnonzero(second),
+                                                             length=len(losses), gap=0)
         pair = (context, *targets)
     else:
-        contrast, selected, shuffled, pair = dict.fromkeys(("pair", "control", "contrast", "low", "high"), nan), \
-            nan, nan, None
+        contrast, selected, shuffled, pair = \
+            dict.fromkeys(("pair", "control", "contrast", "low", "high"), nan), nan, nan, None
     name = f"{pair[1]} vs {pair[2]}, both {pair[0]}" if pair else "none found"
     c.append(criterion(f"feature pair ({name}): corr of the two groups' loss changes after the crossing",
                        contrast["pair"], "<= -0.6", "choice", log=log))
@@ -1117,8 +1219,8 @@ def run_text(cfg, out, device, log=print):
                      "raise lr or steps")
     figures = text_figures(cfg, run, analysis, out)
     save_npz(out / "history.npz", **{k: run["history"][k] for k in ("step", "loss", "accuracy")},
-             per_example_loss=run["history"]["per_example_loss"].astype(np.float16), eig_step=analysis["eig_step"],
-             eigenvalues=analysis["eigenvalues"])
+             per_example_loss=run["history"]["per_example_loss"].astype(np.float16),
+             eig_step=analysis["eig_step"], eigenvalues=analysis["eigenvalues"])
     return {"criteria": criteria, "figures": figures, "notes": notes}
 
 
@@ -1139,8 +1241,8 @@ def text_figures(cfg, run, a, out):
                          f"({int(group.sum())} tokens)")
         axes[2].legend(fontsize=7)
     axes[2].set(xlabel="step", ylabel="group mean loss")
-    axes[0].set_title(f"GPT (dim {cfg.dim}, depth {cfg.depth}) on {cfg.n_sequences} x {cfg.context} characters, "
-                      f"GD lr {cfg.lr}", fontsize=9)
+    axes[0].set_title(f"GPT (dim {cfg.dim}, depth {cfg.depth}) on {cfg.n_sequences} x {cfg.context} "
+                      f"characters, GD lr {cfg.lr}", fontsize=9)
     save_figure(fig, out / "text_eos.png")
     owners_figure(cfg, a, out / "owners.png")
     if not a["reached"]:
@@ -1151,7 +1253,8 @@ def text_figures(cfg, run, a, out):
     characters, scale = [run["vocabulary"][i] for i in run["y"][row].tolist()], np.abs(change[row]).max()
     fig, ax = plt.subplots(figsize=(10, 1.6))
     for j, (character, value) in enumerate(zip(characters, change[row])):
-        ax.add_patch(plt.Rectangle((j % 64, -(j // 64)), 1, 1, color=plt.cm.RdBu_r(0.5 + 0.5 * value / scale)))
+        ax.add_patch(plt.Rectangle((j % 64, -(j // 64)), 1, 1,
+                                   color=plt.cm.RdBu_r(0.5 + 0.5 * value / scale)))
         ax.text(j % 64 + 0.5, -(j // 64) + 0.5, {"\n": "⏎", " ": "·"}.get(character, character), ha="center",
                 va="center", fontsize=7, family="monospace")
     ax.set(xlim=(0, 64), ylim=(-(len(characters) - 1) // 64, 1), xticks=[], yticks=[])
@@ -1168,23 +1271,27 @@ def dose_cell(cfg, strength, fraction, device):
     the sharpness, its rise per 100 steps to the crossing (or to its maximum), the crossing step, and the
     anti-phase amplitude of the two planted groups, mean |change of (L_1 - L_2)| per step after the crossing
     (over the second half of the run when it never crosses)."""
-    images, labels, planted = osig.make_planted_images(n=cfg.n_train, planted_fraction=fraction, seed=cfg.seed,
-                                                       planted_strength=strength, class_signal=cfg.class_signal)
+    images, labels, planted = osig.make_planted_images(n=cfg.n_train, planted_fraction=fraction,
+                                                       seed=cfg.seed, planted_strength=strength,
+                                                       class_signal=cfg.class_signal)
     x, y = osig.normalize(images)[0].to(device), labels.to(device)
     torch.manual_seed(cfg.seed)
     model = osig.MLP(x[0].numel(), cfg.width, 2, 10).to(device)
-    history = osig.train(model, x, y, osig.mse_loss, torch.optim.SGD(model.parameters(), lr=cfg.lr), cfg.steps,
-                         measure=osig.sharpness_measure(osig.mse_loss, x, y, cfg.eig_every, iters=40), log=None)
+    history = osig.train(model, x, y, osig.mse_loss, torch.optim.SGD(model.parameters(), lr=cfg.lr),
+                         cfg.steps, measure=osig.sharpness_measure(
+                             osig.mse_loss, x, y, cfg.eig_every, iters=40), log=None)
     steps, sharpness = osig.measured(history, "eigenvalues")
     eos = osig.edge_of_stability(steps, sharpness[:, 0], cfg.lr)
-    end = int(np.argmax(sharpness[:, 0] >= 2 / cfg.lr)) if eos["first"] is not None else int(np.argmax(sharpness[:, 0]))
+    end = int(np.argmax(sharpness[:, 0] >= 2 / cfg.lr)) if eos["first"] is not None else \
+        int(np.argmax(sharpness[:, 0]))
     rate = (sharpness[end, 0] - sharpness[0, 0]) / max(steps[end], 1) * 100
     losses = history["per_example_loss"].astype(np.float64)
     start = eos["first"] if eos["first"] is not None else cfg.steps // 2
     planted = planted.numpy()
     gap = (losses[start:, planted == 1].mean(1) - losses[start:, planted == 2].mean(1)) if fraction > 0 else \
         np.zeros(cfg.steps - start)
-    return dict(rate=rate, first=eos["first"], amplitude=float(np.abs(np.diff(gap)).mean()) if len(gap) > 1 else 0.0,
+    return dict(rate=rate, first=eos["first"],
+                amplitude=float(np.abs(np.diff(gap)).mean()) if len(gap) > 1 else 0.0,
                 sharpness=sharpness[:, 0], steps=steps)
 
 
@@ -1198,14 +1305,15 @@ def run_planted_dose(cfg, out, device, log=print):
     strong, none = (max(cfg.strengths), max(cfg.fractions)), (min(cfg.strengths), max(cfg.fractions))
     c = [criterion("sharpening rate: strongest, most frequent planted feature / nothing planted (strength 0)",
                    cells[strong]["rate"] / max(cells[none]["rate"], 1e-12), ">= 2", "choice", log=log),
-         criterion("the strongest planted feature reaches 2/lr within the run", cells[strong]["first"] is not None,
-                   "== 1", "paper", log=log),
+         criterion("the strongest planted feature reaches 2/lr within the run",
+                   cells[strong]["first"] is not None, "== 1", "paper", log=log),
          criterion("planted-pair anti-phase amplitude, strongest / weakest non-zero strength (most frequent)",
-                   cells[strong]["amplitude"] / max(cells[(sorted(cfg.strengths)[1], max(cfg.fractions))]["amplitude"],
-                                                    1e-12), ">= 2", "choice", log=log)]
+                   cells[strong]["amplitude"]
+                   / max(cells[(sorted(cfg.strengths)[1], max(cfg.fractions))]["amplitude"], 1e-12),
+                   ">= 2", "choice", log=log)]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, title in zip(axes, ("rate", "first", "amplitude"), ("sharpening per 100 steps", "first step at 2/lr "
-                              "(white: never)", "planted pair anti-phase amplitude")):
+    for ax, key, title in zip(axes, ("rate", "first", "amplitude"), ("sharpening per 100 steps",
+                              "first step at 2/lr (white: never)", "planted pair anti-phase amplitude")):
         grid = np.array([[np.nan if cells[s, f][key] is None else cells[s, f][key] for f in cfg.fractions]
                          for s in cfg.strengths], dtype=float)
         image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
@@ -1218,9 +1326,193 @@ def run_planted_dose(cfg, out, device, log=print):
     save_npz(out / "dose.npz", **{f"{key}_{s:g}_{f:g}": np.asarray(cells[s, f][key], dtype=float)
                                   for s, f in cells for key in ("rate", "amplitude", "sharpness")})
     return {"criteria": c, "figures": ["phase_diagram.png"], "notes": [
-        f"cell (strength, fraction): sharpening per 100 steps / crossing step / anti-phase amplitude: " + "; ".join(
-            f"({s:g}, {f:g}) {cell['rate']:.2f} / {cell['first']} / {cell['amplitude']:.4f}" for (s, f), cell in
-            cells.items())]}
+        f"cell (strength, fraction): sharpening per 100 steps / crossing step / anti-phase amplitude: "
+        + "; ".join(f"({s:g}, {f:g}) {cell['rate']:.2f} / {cell['first']} / {cell['amplitude']:.4f}"
+                    for (s, f), cell in cells.items())]}
+
+
+# ----------------------------------------------------------------------------- experiment: interventions
+
+def recolour_sky(images, members):
+    """Copies of `images` in which each member's sky pixels (the `sky_fraction` rule: B > R + 10, B >= G,
+    B > 80) take the mean colour of the image's other pixels: the background is recoloured, the example
+    kept. images uint8 [N, H, W, 3], members int [M]. Returns uint8 [N, H, W, 3]."""
+    images = images.clone()
+    for i in np.asarray(members).tolist():
+        pixels = images[i].to(torch.int32)
+        sky = (pixels[..., 2] > pixels[..., 0] + 10) & (pixels[..., 2] >= pixels[..., 1]) & (pixels[..., 2] > 80)
+        if sky.any() and (~sky).any():
+            images[i][sky] = pixels[~sky].float().mean(0).round().to(torch.uint8)
+    return images
+
+
+def paste_top(images, rgb, rows=0.25):
+    """Copies of `images` whose top quarter of rows is the uniform colour `rgb`: the sky rule run in reverse."""
+    images = images.clone()
+    images[:, :max(1, int(round(rows * images.shape[1])))] = torch.tensor(rgb, dtype=torch.float32).round().to(torch.uint8)
+    return images
+
+
+def intervention_run(cfg, x, y, keep, seed, device, pastes=None):
+    """GD from the seed's initialization on the kept examples of (x, y): the history (per-example losses of the
+    kept examples) with the sharpness every cfg.eig_every steps and, given pastes (name -> normalized images),
+    the mean softmax probability of airplane on each set of pasted images at those steps."""
+    xk, yk = x[keep].to(device), y[keep].to(device)
+    torch.manual_seed(seed)
+    model = osig.MLP(x[0].numel(), cfg.width, 2, 10).to(device)
+
+    def airplane(step, model, values, vectors):
+        with torch.no_grad():
+            return {"airplane": {name: float(torch.softmax(model(p.to(device)), -1)[:, AIRPLANE].mean())
+                                 for name, p in pastes.items()}}
+
+    measure = osig.sharpness_measure(osig.mse_loss, xk, yk, cfg.eig_every, then=airplane if pastes else None)
+    return osig.train(model, xk, yk, osig.mse_loss, torch.optim.SGD(model.parameters(), lr=cfg.lr), cfg.steps,
+                      measure=measure, seed=seed, log=None)
+
+
+def intervention_summary(cfg, history, sky_pair):
+    """What an intervention may change: the sharpening rate before the crossing (per 100 steps), the first step
+    with sharpness >= 2/lr, the spike events after it, the sky pair's anti-phase amplitude (mean |change of
+    L(sky airplanes) - L(sky birds/ships)| per step after the crossing) and the final training loss."""
+    steps, sharpness = osig.measured(history, "eigenvalues")
+    eos = osig.edge_of_stability(steps, sharpness[:, 0], cfg.lr)
+    first = eos["first"]
+    end = int(np.searchsorted(steps, first)) if first is not None else len(steps) - 1
+    losses, after = history["per_example_loss"].astype(np.float64), first if first is not None else cfg.steps
+    spikes = osig.loss_spikes(history["loss"])
+    gap = losses[after:, sky_pair[0]].mean(1) - losses[after:, sky_pair[1]].mean(1) if after < cfg.steps - 2 else [0, 0]
+    return {"rate": (sharpness[end, 0] - sharpness[0, 0]) / max(steps[end], 1) * 100,
+            "first": first if first is not None else math.inf, "spikes": int((spikes[:, 0] >= after).sum()),
+            "antiphase": float(np.abs(np.diff(gap)).mean()), "final": float(history["loss"][-1]),
+            "curve": (steps, sharpness[:, 0])}
+
+
+def run_interventions(cfg, out, device, log=print):
+    """Experiment: remove or recolour the examples that move most at the edge of stability, or as many random
+    ones, and rerun GD from the same initialization; and switch the sky feature on in test images."""
+    rows, shifts = [], []
+    for seed in cfg.seeds:
+        images, labels, _ = load_images("cifar10", cfg.n_train, seed)
+        x, mean, std = osig.normalize(images)
+        sky = osig.sky_groups(images)[0].numpy()
+        sky_rgb = images[sky][:, :8].reshape(-1, 3).float().mean(0).tolist()
+        test_images, test_labels = osig.load_cifar10(train=False)
+        others = test_images[test_labels != AIRPLANE][:cfg.n_probe]
+        pastes = {name: osig.normalize(paste_top(others, rgb) if rgb else others, mean, std)[0]
+                  for name, rgb in (("original", None), ("sky", sky_rgb), ("grey", GREY), ("green", GREEN))}
+        everyone = np.ones(len(labels), dtype=bool)
+        base = intervention_run(cfg, x, labels, everyone, seed, device, pastes)
+        sky_pair = (sky & (labels.numpy() == AIRPLANE), sky & np.isin(labels.numpy(), (BIRD, SHIP)))
+        summary = intervention_summary(cfg, base, sky_pair)
+        first = summary["first"] if math.isfinite(summary["first"]) else cfg.steps - cfg.window
+        score = np.abs(np.diff(base["per_example_loss"][first:first + cfg.window + 1], axis=0)).sum(0)
+        rows.append(dict(seed=seed, variant="as is", fraction=0.0, **summary))
+        shifts.append(airplane_shifts(base, first))
+        log(f"  seed {seed}: as is: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if k != "curve"))
+        rng = np.random.default_rng(seed)
+        for fraction in cfg.fractions:
+            top = np.argsort(-score)[:int(round(fraction * len(labels)))]
+            for variant in ("removed", "recoloured", "random removed"):
+                keep = everyone.copy()
+                if variant == "removed":
+                    keep[top] = False
+                elif variant == "random removed":
+                    keep[rng.choice(len(labels), len(top), replace=False)] = False
+                xv = osig.normalize(recolour_sky(images, top), mean, std)[0] if variant == "recoloured" else x
+                history = intervention_run(cfg, xv, labels, keep, seed, device)
+                pair = tuple(group[keep] for group in sky_pair)
+                rows.append(dict(seed=seed, variant=variant, fraction=fraction,
+                                 **intervention_summary(cfg, history, pair)))
+                log(f"  seed {seed}: {variant} {fraction:.0%}: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in rows[-1].items() if k not in ("seed", "variant", "fraction", "curve")))
+    return interventions_report(cfg, rows, shifts, out, log)
+
+
+def airplane_shifts(history, first):
+    """Per paste (sky, grey, green): p(airplane) on pasted non-airplane test images minus on the originals, at
+    each sharpness measurement; and the steps, with the crossing step."""
+    steps, records = np.array([m["step"] for m in history["measured"] if "airplane" in m]), \
+        [m["airplane"] for m in history["measured"] if "airplane" in m]
+    return steps, first, {name: np.array([r[name] - r["original"] for r in records]) for name in ("sky", "grey", "green")}
+
+
+def interventions_report(cfg, rows, shifts, out, log):
+    """Criteria, table and figures of the interventions: effects against random removal with t-intervals over
+    seeds, the dose response, and the sky feature switched on."""
+    def effect(variant, fraction):
+        """Per seed: the larger of the relative delay of the crossing and the relative cut in spike events,
+        against random removal of as many examples."""
+        values = []
+        for seed in cfg.seeds:
+            row = next(r for r in rows if r["seed"] == seed and r["variant"] == variant and r["fraction"] == fraction)
+            control = next(r for r in rows if r["seed"] == seed and r["variant"] == "random removed"
+                           and r["fraction"] == fraction)
+            delay = (min(row["first"], cfg.steps) - min(control["first"], cfg.steps)) / max(min(control["first"],
+                                                                                                 cfg.steps), 1)
+            cut = 1 - row["spikes"] / control["spikes"] if control["spikes"] else 0.0
+            values.append(max(delay, cut))
+        return np.array(values)
+
+    def interval(values):
+        half = 4.30 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) == 3 else math.nan
+        return f"mean {values.mean():.2f}, 95% t-interval {values.mean() - half:.2f}..{values.mean() + half:.2f}, " \
+               f"per seed " + ", ".join(f"{v:.2f}" for v in values)
+
+    top, c = max(cfg.fractions), []
+    for variant in ("removed", "recoloured"):
+        values = effect(variant, top)
+        c.append(criterion(f"{variant} top {top:.0%}: delay of the crossing or cut in spike events against random "
+                           "removal (the larger, mean over seeds)", values.mean(), ">= 0.3",
+                           "paper (its reading predicts 30% or more)", where=interval(values), log=log))
+    dose = [effect("removed", f).mean() for f in sorted(cfg.fractions)]
+    c.append(criterion("dose response: removal's effect at the largest fraction minus at the smallest",
+                       dose[-1] - dose[0], "> 0", "paper", where=", ".join(f"{f:.0%}: {d:.2f}" for f, d in
+                                                                           zip(sorted(cfg.fractions), dose)), log=log))
+    early = [np.mean(s["sky"][steps < first]) - max(np.mean(s["grey"][steps < first]), np.mean(s["green"][steps < first]))
+             for steps, first, s in shifts]
+    c.append(criterion("sky paste raises p(airplane) before the crossing more than grey and green pastes (mean over "
+                       "seeds of the difference)", np.mean(early), "> 0", "paper", where="per seed " +
+                       ", ".join(f"{e:.3f}" for e in early), log=log))
+    swings = [np.abs(np.diff(s["sky"][steps >= first])).mean() / max(np.abs(np.diff(s["sky"][steps < first])).mean(),
+                                                                     1e-12) for steps, first, s in shifts]
+    c.append(criterion("the sky paste's shift moves more per measurement after the crossing than before (mean over "
+                       "seeds of the ratio)", np.mean(swings), ">= 2", "paper (it oscillates at the edge); 2: choice",
+                       where="per seed " + ", ".join(f"{w:.2f}" for w in swings), log=log))
+    table = ["| seed | variant | fraction | sharpening / 100 steps | first >= 2/lr | spike events | sky-pair "
+             "anti-phase | final loss |", "|---|---|---|---|---|---|---|---|"]
+    table += [f"| {r['seed']} | {r['variant']} | {r['fraction']:.0%} | {r['rate']:.2f} | {r['first']} | {r['spikes']} "
+              f"| {r['antiphase']:.4f} | {r['final']:.4f} |" for r in rows]
+    figure_interventions(cfg, rows, shifts, out)
+    return {"criteria": c, "figures": ["interventions.png"], "notes": ["Each run (variant x seed):\n\n" +
+                                                                        "\n".join(table)]}
+
+
+def figure_interventions(cfg, rows, shifts, out):
+    """interventions.png: the first seed's sharpness curves at the largest fraction, the dose response of each
+    variant (mean first crossing over seeds), and p(airplane) shifts of the pasted test images over training."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    seed, top = cfg.seeds[0], max(cfg.fractions)
+    for r in rows:
+        if r["seed"] == seed and r["fraction"] in (0.0, top):
+            axes[0].plot(*r["curve"], lw=1, label=f"{r['variant']} {r['fraction']:.0%}" if r["fraction"] else "as is")
+    axes[0].axhline(2 / cfg.lr, ls="--", color="k", lw=0.8)
+    axes[0].set(xlabel="step", ylabel="sharpness", title=f"seed {seed}")
+    axes[0].legend(fontsize=7)
+    for variant in ("removed", "recoloured", "random removed"):
+        firsts = [np.mean([min(r["first"], cfg.steps) for r in rows if r["variant"] == variant and r["fraction"] == f])
+                  for f in cfg.fractions]
+        axes[1].plot(np.array(cfg.fractions) * 100, firsts, "o-", label=variant)
+    axes[1].set(xlabel="% of examples changed", ylabel="first step with sharpness >= 2/lr (mean over seeds)")
+    axes[1].legend(fontsize=7)
+    steps, first, shift = shifts[0]
+    for name in ("sky", "grey", "green"):
+        axes[2].plot(steps, shift[name], label=f"{name} paste")
+    axes[2].axvline(first, ls=":", color="k", lw=0.8)
+    axes[2].set(xlabel="step", ylabel="p(airplane): pasted - original non-airplane test images")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, out / "interventions.png")
 
 
 # ----------------------------------------------------------------------------- experiment: optimizers
@@ -1262,12 +1554,14 @@ def optimizer_run(cfg, data, name, lr, seed, measured, device, split_lr=1e-3, lo
             record.update(flips(step, model, optimizer), **(sharpness(step, model, optimizer) or {}))
         return record
 
-    history = osig.train(model, x, y, loss_fn, optimizer, cfg.steps, batch_size=cfg.batch_size, measure=measure,
-                         clip_norm=cfg.clip_norm if name == "clip" else None, seed=seed, log=log if measured else None)
+    history = osig.train(model, x, y, loss_fn, optimizer, cfg.steps, batch_size=cfg.batch_size,
+                         measure=measure, clip_norm=cfg.clip_norm if name == "clip" else None, seed=seed,
+                         log=log if measured else None)
     train_loss, _ = osig.evaluate(model, loss_fn, x, y)
     _, test_accuracy = osig.evaluate(model, loss_fn, x_test, y_test)
     finite = history["diverged"] is None and math.isfinite(train_loss)
-    return model, history, train_loss if finite else math.inf, test_accuracy, osig.stability_threshold(optimizer)
+    return (model, history, train_loss if finite else math.inf, test_accuracy,
+            osig.stability_threshold(optimizer))
 
 
 def optimizer_data(cfg, device):
@@ -1299,19 +1593,22 @@ def run_optimizers(cfg, out, device, log=print):
     grid, best = {}, {}
     for name in OPTIMIZERS:                             # 1. step-size grids, the same budget for each
         split_lr = best["adam"] if name == "split" else 1e-3
-        grid[name] = [optimizer_run(cfg, data, name, lr, cfg.seeds[0], False, device, split_lr)[2:4] for lr in grids[name]]
+        grid[name] = [optimizer_run(cfg, data, name, lr, cfg.seeds[0], False, device, split_lr)[2:4]
+                      for lr in grids[name]]
         best[name] = grids[name][int(np.argmin([loss for loss, _ in grid[name]]))]
         log(f"  grid | {name}: " + ", ".join(f"lr {lr:g} -> loss {loss:.4f}, test acc {acc:.3f}"
                                              for lr, (loss, acc) in zip(grids[name], grid[name])))
         if best[name] in (grids[name][0], grids[name][-1]):
-            notes.append(f"{name}'s best lr {best[name]:g} is at the edge of its grid {list(grids[name])}: a better "
-                         f"one may lie outside it")
+            notes.append(f"{name}'s best lr {best[name]:g} is at the edge of its grid {list(grids[name])}: a "
+                         f"better one may lie outside it")
             log(f"  note: {notes[-1]}")
-    runs = {}                                           # 2. the best of each, measured; sgd, adam, split on every seed
+    runs = {}                                           # 2. the best of each, measured; sgd, adam, split on
+                                                        # every seed
     for name in OPTIMIZERS:
         for seed in (cfg.seeds if name != "clip" else cfg.seeds[:1]):
             log(f"  measured run | {name} lr {best[name]:g} seed {seed}")
-            runs[name, seed] = optimizer_run(cfg, data, name, best[name], seed, True, device, best["adam"], log)
+            runs[name, seed] = optimizer_run(cfg, data, name, best[name], seed, True, device, best["adam"],
+                                             log)
     summary = {name: optimizer_summary(cfg, *runs[name, cfg.seeds[0]]) for name in OPTIMIZERS}
     criteria = optimizer_criteria(cfg, runs, summary, log)
     table = optimizer_table(cfg, grids, grid, best, summary)
@@ -1321,17 +1618,19 @@ def run_optimizers(cfg, out, device, log=print):
     notes.append("Thresholds: (2 + 2 momentum)/lr for SGD and clip (heavy ball; 2/lr without momentum), "
                  "(2 + 2 beta1)/((1 - beta1) lr) for Adam on P^-1/2 H P^-1/2 with P = sqrt(v_hat) + eps, and "
                  "(2 + 2 momentum)/lr for split on its own P. Sharpness is of the mean loss over the first "
-                 f"{cfg.eig_examples} training examples; opposing groups are the top-{cfg.top} examples by loss change "
-                 f"between two records {cfg.record_every} steps apart, followed for {cfg.window} records.")
+                 f"{cfg.eig_examples} training examples; opposing groups are the top-{cfg.top} examples "
+                 f"by loss change between two records {cfg.record_every} steps apart, followed for "
+                 f"{cfg.window} records.")
     optimizer_figures(cfg, runs, summary, out)
     return {"criteria": criteria, "figures": ["training_curves.png", "layer_shares.png"], "notes": notes}
 
 
 def optimizer_summary(cfg, model, history, train_loss, test_accuracy, threshold):
-    """The numbers of one measured run: losses, oscillation against its controls, sharpness / threshold, layers."""
+    """The numbers of one measured run: losses, oscillation against its controls, sharpness / threshold,
+    layers."""
     _, losses = osig.measured(history, "per_example_loss")
-    oscillation = osig.opposing_group_oscillation(losses, top=cfg.top, window=cfg.window, start=len(losses) // 5,
-                                                  seed=0)
+    oscillation = osig.opposing_group_oscillation(losses, top=cfg.top, window=cfg.window,
+                                                  start=len(losses) // 5, seed=0)
     eig_step, plain = osig.measured(history, "eigenvalues")
     _, preconditioned = osig.measured(history, "preconditioned_eigenvalues")
     seen = preconditioned if len(preconditioned) else plain
@@ -1341,9 +1640,10 @@ def optimizer_summary(cfg, model, history, train_loss, test_accuracy, threshold)
     names = osig.parameter_layers(model)[0]
     early = np.arange(len(names)) < int(np.ceil(len(names) / 3))      # the first third of the layers
     return dict(train_loss=train_loss, test_accuracy=test_accuracy, oscillation=oscillation,
-                ratio=seen[:, 0] / threshold, eig_step=eig_step, median_ratio=float(np.nanmedian(seen[later, 0])) /
-                threshold, relative_shares=relative, layer_names=names, early=early,
-                early_relative=float(shares[eig_step > 0].mean(0)[early].sum() / osig.parameter_shares(model)[early].sum()),
+                ratio=seen[:, 0] / threshold, eig_step=eig_step,
+                median_ratio=float(np.nanmedian(seen[later, 0])) / threshold, relative_shares=relative,
+                layer_names=names, early=early, early_relative=float(
+                    shares[eig_step > 0].mean(0)[early].sum() / osig.parameter_shares(model)[early].sum()),
                 sign_flips=osig.layer_sign_flip_rates(osig.measured(history, "sign_flips")[1], model),
                 curve=(osig.measured(history, "per_example_loss")[0], losses.mean(1)))
 
@@ -1353,14 +1653,15 @@ def optimizer_criteria(cfg, runs, summary, log):
     SGD-to-Adam gap that split-update SGD closes, on every seed with a t-interval."""
     sgd, adam = summary["sgd"], summary["adam"]
     ratio = sgd["oscillation"]["median_relative_matched"] / adam["oscillation"]["median_relative_matched"]
-    c = [criterion("opposing-group oscillation over its loss-matched control, SGD / Adam", ratio, ">= 3", "choice",
-                   where=f"{sgd['oscillation']['median_relative_matched']:.2f} / "
+    c = [criterion("opposing-group oscillation over its loss-matched control, SGD / Adam", ratio, ">= 3",
+                   "choice", where=f"{sgd['oscillation']['median_relative_matched']:.2f} / "
                    f"{adam['oscillation']['median_relative_matched']:.2f}", log=log)]
     for name in ("sgd", "adam"):
         s = summary[name]
-        c.append(criterion(f"{name}: top eigenvector's share in the first third of the layers / their parameter share",
-                           s["early_relative"], ">= 2", "paper (early layers); factor: choice",
-                           where=", ".join(f"{n} {r:.2f}" for n, r in zip(s["layer_names"], s["relative_shares"])),
+        c.append(criterion(f"{name}: top eigenvector's share in the first third of the layers / their "
+                           "parameter share", s["early_relative"], ">= 2",
+                           "paper (early layers); factor: choice", where=", ".join(
+                               f"{n} {r:.2f}" for n, r in zip(s["layer_names"], s["relative_shares"])),
                            log=log))
     closed = []
     for seed in cfg.seeds:
@@ -1369,10 +1670,10 @@ def optimizer_criteria(cfg, runs, summary, log):
         closed.append((losses["sgd"] - losses["split"]) / gap if gap > 0 else math.nan)
     mean = float(np.mean(closed))
     half = 4.30 * np.std(closed, ddof=1) / math.sqrt(len(closed)) if len(closed) == 3 else math.nan
-    c.append(criterion("fraction of the SGD-to-Adam final-loss gap closed by split-update SGD (mean over seeds)", mean,
-                       ">= 0.5", "paper ('most of the gap'); 0.5: choice", where="per seed " +
-                       ", ".join(f"{v:.2f}" for v in closed) + f"; 95% t-interval {mean - half:.2f}..{mean + half:.2f}",
-                       log=log))
+    c.append(criterion("fraction of the SGD-to-Adam final-loss gap closed by split-update SGD (mean over "
+                       "seeds)", mean, ">= 0.5", "paper ('most of the gap'); 0.5: choice", where="per seed " +
+                       ", ".join(f"{v:.2f}" for v in closed) + f"; 95% t-interval {mean - half:.2f}.."
+                       f"{mean + half:.2f}", log=log))
     return c
 
 
@@ -1384,7 +1685,8 @@ def optimizer_table(cfg, grids, grid, best, summary):
     for name in OPTIMIZERS:
         s = summary[name]
         rows.append(f"| {name} | {best[name]:g} | {s['train_loss']:.4f} | {s['test_accuracy']:.3f} | "
-                    f"{s['oscillation']['median_relative']:.2f} | {s['oscillation']['median_relative_matched']:.2f} | "
+                    f"{s['oscillation']['median_relative']:.2f} | "
+                    f"{s['oscillation']['median_relative_matched']:.2f} | "
                     f"{s['median_ratio']:.3f} | {s['early_relative']:.2f} |")
     rows += ["", "| optimizer | grid: lr -> final train loss, test acc |", "|---|---|"]
     rows += [f"| {name} | " + "; ".join(f"{lr:g} -> {loss:.3g}, {acc:.3f}" for lr, (loss, acc) in
@@ -1411,11 +1713,13 @@ def optimizer_figures(cfg, runs, summary, out):
     names = summary["sgd"]["layer_names"]
     positions, width = np.arange(len(names)), 0.8 / len(OPTIMIZERS)
     for j, name in enumerate(OPTIMIZERS):
-        ax_share.bar(positions + (j - 1.5) * width, summary[name]["relative_shares"], width, color=COLORS[name],
-                     label=name)
-        ax_flip.bar(positions + (j - 1.5) * width, summary[name]["sign_flips"], width, color=COLORS[name], label=name)
+        ax_share.bar(positions + (j - 1.5) * width, summary[name]["relative_shares"], width,
+                     color=COLORS[name], label=name)
+        ax_flip.bar(positions + (j - 1.5) * width, summary[name]["sign_flips"], width, color=COLORS[name],
+                    label=name)
     ax_share.axhline(1.0, color="k", lw=0.8, ls="--")
-    for ax, label in ((ax_share, "top eigenvector share / parameter share"), (ax_flip, "gradient sign flips per step")):
+    for ax, label in ((ax_share, "top eigenvector share / parameter share"),
+                      (ax_flip, "gradient sign flips per step")):
         ax.set_xticks(positions)
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
         ax.set_ylabel(label)
@@ -1450,7 +1754,8 @@ def unit_costs(model, loss_fn, x, y, device):
     t_grad = median_time(lambda: torch.autograd.grad(loss_fn(model(x), y).mean(), params), device)
     grads = torch.autograd.grad(loss_fn(model(x), y).mean(), params, create_graph=True)
     directions = [torch.randn_like(p) for p in params]
-    t_hvp = median_time(lambda: torch.autograd.grad(grads, params, grad_outputs=directions, retain_graph=True), device)
+    t_hvp = median_time(lambda: torch.autograd.grad(grads, params, grad_outputs=directions,
+                                                    retain_graph=True), device)
     t_example = median_time(lambda: osig.per_example_grads(model, loss_fn, x[:8], y[:8]), device) / 8
     return t_grad, t_hvp, t_example
 
@@ -1460,20 +1765,28 @@ PRODUCTS = {1: 12, "k": 30}
 
 
 def predict_seconds(cfg, device):
-    """Predicted wall time of one experiment on `device`, from the measured cost of a gradient, a Hessian-vector
-    product and a per-example gradient of its own model on 16 random rows (images or sequences), scaled
-    linearly in the number of rows. Full-batch GD steps cost a gradient each; each sharpness measurement a
-    warm-started Lanczos (PRODUCTS), the opposing groups (3 gradients and 2·top per-example gradients) and
-    the curvature one step away (2 fresh products, about 3 gradients each)."""
-    if isinstance(cfg, LinearConfig):      # float64 toys on one thread, per step: calibrated on the CPU profile
+    """Predicted wall time of one experiment on `device`, from the measured cost of a gradient, a
+    Hessian-vector product and a per-example gradient of its own model on 16 random rows (images or
+    sequences), scaled linearly in the number of rows. Full-batch GD steps cost a gradient each; each
+    sharpness measurement a warm-started Lanczos (PRODUCTS), the opposing groups (3 gradients and 2·top
+    per-example gradients) and the curvature one step away (2 fresh products, about 3 gradients each)."""
+    if isinstance(cfg, LinearConfig):      # float64 toys on one thread, per step: calibrated on the CPU
+                                           # profile
         return (cfg.large_steps * 2 + cfg.small_steps) * 2.3e-3
     if isinstance(cfg, ToyConfig):
         return 2 * cfg.steps * 3.7e-3
     if isinstance(cfg, PlantedDoseConfig):    # calibrated on the CPU: about 4 s per 200-step cell
         return len(cfg.strengths) * len(cfg.fractions) * cfg.steps * 0.02
-    rows = 16
+    if isinstance(cfg, InterventionsConfig):  # runs of an MLP on n images; sharpness: ~12 products of ~2 gradients
+        model = osig.MLP(3072, cfg.width, 2, 10).to(device)
+        x, y = torch.randn(256, 3, 32, 32, device=device), torch.arange(256, device=device) % 10
+        t_grad = unit_costs(model, osig.mse_loss, x, y, device)[0] / 256 * cfg.n_train
+        runs = len(cfg.seeds) * (1 + 3 * len(cfg.fractions))
+        return runs * cfg.steps * t_grad * (1 + 12 * 2 / cfg.eig_every)
+    rows = 64                             # at 16 rows per-row costs read high (overheads dominate)
     if isinstance(cfg, TextConfig) or cfg.model == "gpt":
-        model = osig.GPT(65, cfg.context, getattr(cfg, "dim", getattr(cfg, "width", 64)), cfg.depth).to(device)
+        model = osig.GPT(65, cfg.context, getattr(cfg, "dim", getattr(cfg, "width", 64)),
+                         cfg.depth).to(device)
         x = torch.randint(0, 65, (rows, cfg.context), device=device)
         y, loss_fn = x.roll(-1, 1), osig.cross_entropy_loss
     else:
@@ -1548,13 +1861,13 @@ def preflight(name, cfg, device, n=16, steps=100, log=print):
         passed = history["diverged"] is None and final <= 0.8 * baseline and sharpens
         message = (f"{name} ({'gpt' if text else cfg.model}, {loss}, {optimizer_name} lr {lr:g}, {len(x)} "
                    f"{'sequences' if text else 'images'}, {steps} steps, "
-                   f"{time.time() - start:.0f}s): loss {history['loss'][0]:.3f} -> {final:.3f} over the last 20 steps "
-                   f"(constant predictor {baseline:.3f}), sharpness {sharpness[0]:.3g} -> max {sharpness.max():.3g} "
-                   f"(x{rise:.2f})"
-                   + ("" if passed else " -- FAILS: " + (history["diverged"] or ("the loss does not fall below 0.8 x "
-                      "the constant predictor's: the network does not learn at this init and lr"
-                      if final > 0.8 * baseline else "the sharpness does not rise 1.5x: no progressive sharpening "
-                      "at this init and lr"))))
+                   f"{time.time() - start:.0f}s): loss {history['loss'][0]:.3f} -> {final:.3f} over the "
+                   f"last 20 steps (constant predictor {baseline:.3f}), sharpness {sharpness[0]:.3g} -> max "
+                   f"{sharpness.max():.3g} (x{rise:.2f})"
+                   + ("" if passed else " -- FAILS: " + (history["diverged"] or ("the loss does not fall "
+                      "below 0.8 x the constant predictor's: the network does not learn at this init and lr"
+                      if final > 0.8 * baseline else "the sharpness does not rise 1.5x: no progressive "
+                      "sharpening at this init and lr"))))
         log(("  preflight ok   | " if passed else "  preflight FAIL | ") + message)
         results.append((f"{name}/{optimizer_name}", passed, message))
     return results
@@ -1594,8 +1907,8 @@ def products_to_accuracy(matvec, dim, method, reference, accuracy=1e-4, budget=3
 
 
 def run_bench(out, device, log=print):
-    """Speed table: HVP vs gradient cost, Lanczos vs power iteration, vmap vs loop per-example gradients on the
-    MLP and small CNN; gradient and HVP times of the GPU profile's networks (VGG-11, ResNet-18, ViT)."""
+    """Speed table: HVP vs gradient cost, Lanczos vs power iteration, vmap vs loop per-example gradients on
+    the MLP and small CNN; gradient and HVP times of the GPU profile's networks (VGG-11, ResNet-18, ViT)."""
     gpu = str(device).startswith("cuda")
     try:
         images, labels = osig.load_cifar10(train=True)
@@ -1613,7 +1926,8 @@ def run_bench(out, device, log=print):
         params = list(model.parameters())
         dim = sum(p.numel() for p in params)
         t_grad, t_reused, _ = unit_costs(model, osig.mse_loss, xs, ys, device)
-        t_fresh = median_time(lambda: osig.hvp(model, osig.mse_loss, xs, ys, torch.randn(dim, device=device)), device)
+        t_fresh = median_time(lambda: osig.hvp(model, osig.mse_loss, xs, ys, torch.randn(dim, device=device)),
+                              device)
         rows.append((name, "one HVP / one gradient (hvp: forward + backward + double backward), n = 500",
                      f"{t_fresh / t_grad:.2f}x", "<= 3x", t_fresh / t_grad <= 3))
         rows.append((name, "one HVP / one gradient (top_eigenvalues: graph built once, reused), n = 500",
@@ -1634,8 +1948,8 @@ def run_bench(out, device, log=print):
         rows.append((name, "same, power iteration (and its ratio to Lanczos)",
                      f"{m_power or '>500'} ({ratio:.1f}x)", ">= 3x Lanczos", ratio >= 3))
         t_vmap = median_time(lambda: osig.per_example_grads(model, osig.mse_loss, xs[:256], ys[:256]), device)
-        t_loop = median_time(lambda: [torch.autograd.grad(osig.mse_loss(model(xs[i:i + 1]), ys[i:i + 1]).sum(), params)
-                                      for i in range(256)], device)
+        t_loop = median_time(lambda: [torch.autograd.grad(
+            osig.mse_loss(model(xs[i:i + 1]), ys[i:i + 1]).sum(), params) for i in range(256)], device)
         rows.append((name, "per-example gradients, batch 256: loop time / vmap time",
                      f"{t_loop / t_vmap:.1f}x ({1e3 * t_vmap:.0f} ms vs {1e3 * t_loop:.0f} ms)", ">= 10x",
                      t_loop / t_vmap >= 10))
@@ -1644,13 +1958,14 @@ def run_bench(out, device, log=print):
                         osig.ResNet18(10, 64, batch_norm=False)), ("ViT (dim 128, depth 4)", osig.ViT(10))):
         t_grad, t_reused, _ = unit_costs(model.to(device), osig.mse_loss, x[:n], y[:n], device)
         rows.append((name, f"one gradient, n = {n}", f"{1e3 * t_grad:.1f} ms", "-", True))
-        rows.append((name, f"one HVP (reused graph) / one gradient, n = {n}", f"{t_reused / t_grad:.2f}x", "<= 3x",
-                     t_reused / t_grad <= 3))
+        rows.append((name, f"one HVP (reused graph) / one gradient, n = {n}", f"{t_reused / t_grad:.2f}x",
+                     "<= 3x", t_reused / t_grad <= 3))
     table = ["| model | measurement | value | target | met |", "|---|---|---|---|---|"]
-    table += [f"| {m} | {what} | {value} | {target} | {'yes' if met else 'no'} |" for m, what, value, target, met in rows]
-    text = (f"Benchmark on {device} ({torch.get_num_threads()} threads, torch {torch.__version__}), {data}, MSE loss; "
-            "times are medians of 3 after a warm-up" + (", CUDA-synchronized" if gpu else "") + ".\n\n"
-            + "\n".join(table) + "\n")
+    table += [f"| {m} | {what} | {value} | {target} | {'yes' if met else 'no'} |"
+              for m, what, value, target, met in rows]
+    text = (f"Benchmark on {device} ({torch.get_num_threads()} threads, torch {torch.__version__}), {data}, "
+            "MSE loss; times are medians of 3 after a warm-up" + (", CUDA-synchronized" if gpu else "")
+            + ".\n\n" + "\n".join(table) + "\n")
     atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(text))
     log("\n" + text)
     return rows
@@ -1659,11 +1974,12 @@ def run_bench(out, device, log=print):
 # ----------------------------------------------------------------------------- report
 
 RUN = {LinearConfig: run_linear, ToyConfig: run_toy, ImagesConfig: run_images, TextConfig: run_text,
-       PlantedDoseConfig: run_planted_dose, OptimizersConfig: run_optimizers}
-SOURCES = ("Targets: **paper** where the paper's claim fixes the criterion (its direction, and its size where the "
-           "paper states one), **choice** where the size is ours, fixed before the runs, **calibration** where it "
-           "comes from a calibration run named next to it. A nan value (the run gave nothing to measure, e.g. it "
-           "never reached the edge of stability) is never met.")
+       PlantedDoseConfig: run_planted_dose, InterventionsConfig: run_interventions,
+       OptimizersConfig: run_optimizers}
+SOURCES = ("Targets: **paper** where the paper's claim fixes the criterion (its direction, and its size "
+           "where the paper states one), **choice** where the size is ours, fixed before the runs, "
+           "**calibration** where it comes from a calibration run named next to it. A nan value (the run "
+           "gave nothing to measure, e.g. it never reached the edge of stability) is never met.")
 
 
 def escape(text):
@@ -1675,8 +1991,10 @@ def write_report(out, records, profile, device):
     """report.md: a summary table (status, criteria met, predicted and actual time), then per experiment its
     config, summary, figures, criteria with target and source, per-seed values and notes."""
     lines = ["# osig: measured reproduction report", "",
-             f"Profile `{profile}` on `{device}`, torch {torch.__version__}, written {time.strftime('%Y-%m-%d %H:%M')}.",
-             "", SOURCES, "", "| experiment | status | criteria met | predicted time | actual time |", "|---|---|---|---|---|"]
+             f"Profile `{profile}` on `{device}`, torch {torch.__version__}, written "
+             f"{time.strftime('%Y-%m-%d %H:%M')}.",
+             "", SOURCES, "", "| experiment | status | criteria met | predicted time | actual time |",
+             "|---|---|---|---|---|"]
     for name, record in records.items():
         met = [c["met"] for c in record.get("criteria", [])]
         lines.append(f"| [{name}](#{name}) | {record['status']} | {sum(met)}/{len(met)} | "
@@ -1686,18 +2004,21 @@ def write_report(out, records, profile, device):
         if record["status"] != "done":
             lines += [f"**{record['status']}**: {record.get('reason', '')}", ""]
             continue
-        lines += ["<details><summary>config</summary>", "", "```", json.dumps(record["config"], indent=1), "```", "",
-                  "</details>", ""]
+        lines += ["<details><summary>config</summary>", "", "```", json.dumps(record["config"], indent=1),
+                  "```", "", "</details>", ""]
         lines += [record["summary"], ""] if record.get("summary") else []
         lines += [f"![{figure}]({name}/{figure})" for figure in record["figures"]]
-        lines += ["", "| criterion | measured | target | source | met | context |", "|---|---|---|---|---|---|"]
-        lines += [f"| {escape(c['name'])} | {c['value']:.4g} | {escape(c['target'])} | {escape(c['source'])} | "
-                  f"{'yes' if c['met'] else '**no**'} | {escape(c.get('where', ''))} |" for c in record["criteria"]]
+        lines += ["", "| criterion | measured | target | source | met | context |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {escape(c['name'])} | {c['value']:.4g} | {escape(c['target'])} | "
+                  f"{escape(c['source'])} | {'yes' if c['met'] else '**no**'} | "
+                  f"{escape(c.get('where', ''))} |" for c in record["criteria"]]
         if record.get("per_seed"):
             seeds = record["per_seed"]["seeds"]
             lines += ["", "Per seed:", "", "| criterion | " + " | ".join(f"seed {s}" for s in seeds) + " |",
                       "|---|" + "---|" * len(seeds)]
-            lines += [f"| {escape(row)} | " + " | ".join(f"{v:.3g}{'' if m else ' (no)'}" for v, m in zip(values, met))
+            lines += [f"| {escape(row)} | " + " | ".join(f"{v:.3g}{'' if m else ' (no)'}"
+                                                         for v, m in zip(values, met))
                       + " |" for row, values, met in record["per_seed"]["rows"]]
         lines += [""] + [f"- {note}" if "\n" not in note else note for note in record.get("notes", [])]
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
@@ -1709,7 +2030,8 @@ def result_key(config, device):
     """What a saved result must match to be reused: the config, the code of osig.py and run_all.py, the torch
     version and the device."""
     code = b"".join(Path(module).read_bytes() for module in (osig.__file__, __file__))
-    return hashlib.sha256(code + json.dumps([config, torch.__version__, str(device)]).encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        code + json.dumps([config, torch.__version__, str(device)]).encode()).hexdigest()[:16]
 
 
 def saved_record(path, key):
@@ -1719,25 +2041,30 @@ def saved_record(path, key):
         return None
     try:
         record = json.loads(path.read_text())
-        return record if isinstance(record, dict) and record.get("key") == key and "status" in record else None
+        return record if isinstance(record, dict) and record.get("key") == key and "status" in record \
+            else None
     except (OSError, ValueError) as error:
         print(f"  warning: {path} is unreadable ({error}); it will be recomputed")
         return None
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=sorted(PROFILES), help="scale: gpu (full; default with CUDA), cpu "
-                        "(laptop; default otherwise), smoke (seconds, synthetic images, for tests)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), help="scale: gpu (full; default with CUDA), "
+                        "cpu (laptop; default otherwise), smoke (seconds, synthetic images, for tests)")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
-    parser.add_argument("--only", action="append", metavar="NAME", help="run only this experiment (repeatable)")
+    parser.add_argument("--only", action="append", metavar="NAME",
+                        help="run only this experiment (repeatable)")
     parser.add_argument("--out", default="results", help="results folder (default: results)")
     parser.add_argument("--seed", type=int, help="run every experiment on this one seed (>= 0)")
     parser.add_argument("--data", choices=["cifar10", "planted"],
-                        help="images for the image experiments (default: cifar10; planted for the smoke profile)")
+                        help="images for the image experiments (default: cifar10; planted for the smoke "
+                        "profile)")
     parser.add_argument("--force", action="store_true", help="recompute experiments whose results exist")
-    parser.add_argument("--preflight", action="store_true", help="only check each image experiment's setting: "
-                        "100 full-batch steps on 16 images must lower the loss and raise the sharpness")
+    parser.add_argument("--preflight", action="store_true",
+                        help="only check each image experiment's setting: 100 full-batch steps on 16 images "
+                        "must lower the loss and raise the sharpness")
     parser.add_argument("--bench", action="store_true", help="run the speed benchmark instead")
     args = parser.parse_args(argv)
     if args.seed is not None and args.seed < 0:
@@ -1762,7 +2089,8 @@ def parse_args(argv):
     args.data = args.data or ("planted" if args.profile == "smoke" else "cifar10")
     unknown = sorted(set(args.only or []) - set(PROFILES[args.profile]))
     if unknown:
-        parser.error(f"unknown experiment {', '.join(unknown)}: choose from {', '.join(PROFILES[args.profile])}")
+        parser.error(f"unknown experiment {', '.join(unknown)}: choose from "
+                     f"{', '.join(PROFILES[args.profile])}")
     return args
 
 
@@ -1773,7 +2101,8 @@ def plan(args):
         if getattr(cfg, "data", None) in ("cifar10", "planted"):       # the image experiments
             cfg = dataclasses.replace(cfg, data=args.data)
         if args.seed is not None:
-            cfg = dataclasses.replace(cfg, **({"seeds": (args.seed,)} if hasattr(cfg, "seeds") else {"seed": args.seed}))
+            cfg = dataclasses.replace(cfg, **({"seeds": (args.seed,)} if hasattr(cfg, "seeds")
+                                              else {"seed": args.seed}))
         configs[name] = cfg
     return configs
 
@@ -1785,31 +2114,36 @@ def main(argv=None):
         run_bench(out, device)
         return 0
     if args.preflight:
-        checks = [check for name, cfg in configs.items() if isinstance(cfg, (ImagesConfig, TextConfig, OptimizersConfig))
+        checks = [check for name, cfg in configs.items()
+                  if isinstance(cfg, (ImagesConfig, TextConfig, OptimizersConfig))
                   and (not args.only or name in args.only) for check in preflight(name, cfg, device)]
         failed = [message for _, passed, message in checks if not passed]
-        print(f"\npreflight: {len(checks) - len(failed)}/{len(checks)} passed" + "".join(f"\n  {m}" for m in failed))
+        print(f"\npreflight: {len(checks) - len(failed)}/{len(checks)} passed"
+              + "".join(f"\n  {m}" for m in failed))
         return 1 if failed else 0
     hint = f"python run_all.py --profile {args.profile} --out {args.out} --data {args.data}"
-    keys = {name: result_key(json.loads(json.dumps(dataclasses.asdict(cfg))), device) for name, cfg in configs.items()}
+    keys = {name: result_key(json.loads(json.dumps(dataclasses.asdict(cfg))), device)
+            for name, cfg in configs.items()}
     todo = []
     for name in configs:
         if args.only and name not in args.only:
             continue
-        if not args.force and (saved_record(out / name / "result.json", keys[name]) or {}).get("status") == "done":
+        if not args.force and (saved_record(out / name / "result.json", keys[name])
+                               or {}).get("status") == "done":
             print(f"reusing {name}: finished earlier with the same config and code (--force recomputes it)")
             continue
         todo.append(name)
     predicted = {name: predict_seconds(configs[name], device) for name in todo}
-    print(f"profile {args.profile} on {device}: predicted time " + ", ".join(f"{n} {s:.0f}s" for n, s in predicted.items())
+    print(f"profile {args.profile} on {device}: predicted time "
+          + ", ".join(f"{n} {s:.0f}s" for n, s in predicted.items())
           + f"; total {sum(predicted.values()) / 60:.1f} min")
     failures, start = 0, time.time()
     for i, name in enumerate(todo):
         cfg, title = configs[name], type(configs[name]).__doc__.split("\n")[0]
         config = json.loads(json.dumps(dataclasses.asdict(cfg)))
         left = sum(predicted[n] for n in todo[i:])
-        print(f"\n=== {name} ({i + 1}/{len(todo)}; predicted {predicted[name]:.0f}s, about {left / 60:.1f} min left "
-              f"in all)\n{cfg}")
+        print(f"\n=== {name} ({i + 1}/{len(todo)}; predicted {predicted[name]:.0f}s, about {left / 60:.1f} "
+              f"min left in all)\n{cfg}")
         began = time.time()
         record = {"title": title, "config": config, "key": keys[name], "predicted": predicted[name]}
         try:
@@ -1822,14 +2156,15 @@ def main(argv=None):
             import traceback
             traceback.print_exc()
             failures += 1
-            record.update(status="failed", reason=f"{type(error).__name__}: {error} (rerun: {hint} --only {name})")
+            record.update(status="failed",
+                          reason=f"{type(error).__name__}: {error} (rerun: {hint} --only {name})")
             print(f"  FAILED {name}: {record['reason']}")
         save_json(out / name / "result.json", record)
         records = {n: saved_record(out / n / "result.json", keys[n]) or {"status": "not run", "title": "",
                    "reason": f"no result for this config and code yet: {hint} --only {n}"} for n in configs}
         write_report(out, records, args.profile, device)
-        print(f"  {name}: {record['status']} in {time.time() - began:.0f}s (predicted {predicted[name]:.0f}s); "
-              f"{(time.time() - start) / 60:.1f} min so far")
+        print(f"  {name}: {record['status']} in {time.time() - began:.0f}s "
+              f"(predicted {predicted[name]:.0f}s); {(time.time() - start) / 60:.1f} min so far")
     records = {n: saved_record(out / n / "result.json", keys[n]) or {"status": "not run", "title": "",
                "reason": f"no result for this config and code yet: {hint} --only {n}"} for n in configs}
     write_report(out, records, args.profile, device)

@@ -1362,6 +1362,21 @@ def test_run_all_smoke_mechanism_experiments(tmp_path):
     assert ("does not fall" in toy_ce["summary"]) != fell
 
 
+def test_interventions_recolour_only_the_sky_of_the_chosen_images():
+    import run_all
+    images, labels, planted = osig.make_planted_images(n=60, seed=3)
+    members = np.flatnonzero(planted.numpy() > 0)[:3]
+    recoloured = run_all.recolour_sky(images, members)
+    assert torch.equal(recoloured[planted == 0], images[planted == 0])          # other images untouched
+    assert (osig.sky_fraction(recoloured[members]) == 0).all() and (osig.sky_fraction(images[members]) > 0.7).all()
+    changed = (recoloured[members] != images[members]).any(-1)
+    pixels = images[members].to(torch.int32)
+    sky = (pixels[..., 2] > pixels[..., 0] + 10) & (pixels[..., 2] >= pixels[..., 1]) & (pixels[..., 2] > 80)
+    assert torch.equal(changed, sky)                                             # exactly the sky pixels
+    pasted = run_all.paste_top(images[:2], (80, 150, 255))
+    assert (osig.sky_fraction(pasted) == 1).all() and torch.equal(pasted[:, 8:], images[:2, 8:])
+
+
 def test_run_all_smoke_optimizers(tmp_path):
     import run_all
     assert run_all.main(["--profile", "smoke", "--out", str(tmp_path), "--only", "optimizers"]) == 0
