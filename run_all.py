@@ -146,8 +146,8 @@ class InterventionsConfig:
     all the runs fit in minutes on a CPU."""
     n_train: int = 1000
     width: int = 200
-    lr: float = 0.06                # calibration (seed 0): sharpness 18.4 at step 0, crosses 2/lr = 33 at step
-                                    # 140, hovers near 38 to step 600 with 20 spike events
+    lr: float = 0.06                # calibration (seed 0): sharpness 18.4 at step 0, crosses 2/lr = 33 at
+                                    # step 140, hovers near 38 to step 600 with 20 spike events
     steps: int = 450
     eig_every: int = 25
     window: int = 100               # steps after the crossing whose summed |loss change| ranks the examples
@@ -239,8 +239,8 @@ PROFILES = {
                                                split_lrs=(0.1, 0.3), curve_every=10, record_every=3,
                                                eig_every=30, eig_examples=8, top=10, window=6, seeds=(0, 1)),
         "planted_dose": PlantedDoseConfig(strengths=(0.0, 0.5, 1.0), fractions=(0.25,), steps=120),
-        "interventions": InterventionsConfig(n_train=200, steps=100, eig_every=10, window=30, fractions=(0.05,),
-                                             n_probe=50),
+        "interventions": InterventionsConfig(n_train=200, steps=100, eig_every=10, window=30,
+                                             fractions=(0.05,), n_probe=50),
     },
     # one GPU: full-size networks; the whole profile is meant to take under 10 minutes on an H200. The VGG-11
     # and ResNet-18 settings come from a calibration on CPU (widths 16-64, n 16-1,024): with their
@@ -268,7 +268,8 @@ PROFILES = {
                                                clip_lrs=(0.03, 0.1, 0.3), split_lrs=(0.03, 0.1, 0.3),
                                                eig_examples=64, top=80, seeds=(0, 1, 2)),
         "planted_dose": PlantedDoseConfig(),
-        # the CPU profile's CIFAR-10 MLP (seconds per run on a GPU); a GPU-sized image model is not calibrated yet
+        # the CPU profile's CIFAR-10 MLP (seconds per run on a GPU); a GPU-sized image model is not
+        # calibrated yet
         "interventions": InterventionsConfig(),
     },
 }
@@ -1154,8 +1155,9 @@ def text_run(cfg, seed, device, log):
 
 def text_criteria(cfg, run, a, log):
     """The text-only criteria: which features carry the outliers' loss change against their base rates; a
-    feature-defined pair (one context, two targets) in anti-phase against its controls; where the sharp
-    direction lives. Returns criteria and adds the pair, the feature table and the layer shares to `a`."""
+    feature-defined pair (one context; its main target against the others) in anti-phase against its
+    controls; where the sharp direction lives. Returns criteria and adds the pair, the feature table and the
+    layer shares to `a`."""
     losses, window, reached, nan = a["losses"], a["window"], a["reached"], math.nan
     features, mass = run["features"], np.zeros(a["losses"].shape[1])
     for _, g in a["post"]:                                       # |Δℓ| each token carries as an outlier
@@ -1167,20 +1169,20 @@ def text_criteria(cfg, run, a, log):
                    "|loss change| / base rate", max(share[n] / base[n] for n in common) if reached else nan,
                    ">= 3", "choice", where="; ".join(f"{n}: {share[n]:.2f} of |dloss|, {base[n]:.3f} "
                                                      f"of tokens" for n in common[:6]), log=log)]
-    # the pair: the context with the most outlier mass, and its two targets with the most
+    # the pair: the context with the most outlier mass and, in it, the target with the most outlier mass
+    # against every other target: the text form of sky airplanes against sky birds and ships
     context = next((n for n in common if n.startswith("after")), None)
-    targets = sorted((n for n in features if n.startswith("target") and context),
-                     key=lambda n: -mass[features[n] & features[context]].sum())[:2]
-    if reached and context and len(targets) == 2 and all(mass[features[t] & features[context]].sum() > 0
-                                                         for t in targets):
-        first, second = (features[context] & features[t] for t in targets)
+    target = max((n for n in features if n.startswith("target")),
+                 key=lambda n: mass[features[n] & features[context]].sum()) if context else None
+    if reached and context and mass[features[target] & features[context]].sum() > 0:
+        first, second = features[context] & features[target], features[context] & ~features[target]
         contrast = osig.group_pair_contrast(losses[window], first, second,
-                                            ~features[context] & features[targets[0]],
-                                            ~features[context] & features[targets[1]])
+                                            ~features[context] & features[target],
+                                            ~features[context] & ~features[target])
         selected, shuffled = osig.post_selection_correlation(losses[window], 0, np.flatnonzero(first),
                                                              np.flatnonzero(second),
                                                              length=len(losses), gap=0)
-        pair = (context, *targets)
+        pair = (context, target, "any other target")
     else:
         contrast, selected, shuffled, pair = \
             dict.fromkeys(("pair", "control", "contrast", "low", "high"), nan), nan, nan, None
@@ -1257,7 +1259,7 @@ def text_figures(cfg, run, a, out):
                                    color=plt.cm.RdBu_r(0.5 + 0.5 * value / scale)))
         ax.text(j % 64 + 0.5, -(j // 64) + 0.5, {"\n": "⏎", " ": "·"}.get(character, character), ha="center",
                 va="center", fontsize=7, family="monospace")
-    ax.set(xlim=(0, 64), ylim=(-(len(characters) - 1) // 64, 1), xticks=[], yticks=[])
+    ax.set(xlim=(0, 64), ylim=(-((len(characters) - 1) // 64), 1), xticks=[], yticks=[])
     ax.set_title(f"step {t}: each predicted character shaded by its loss change (red up, blue down; max "
                  f"{scale:.2f})", fontsize=8)
     save_figure(fig, out / "text_passage.png")
@@ -1340,23 +1342,26 @@ def recolour_sky(images, members):
     images = images.clone()
     for i in np.asarray(members).tolist():
         pixels = images[i].to(torch.int32)
-        sky = (pixels[..., 2] > pixels[..., 0] + 10) & (pixels[..., 2] >= pixels[..., 1]) & (pixels[..., 2] > 80)
+        sky = ((pixels[..., 2] > pixels[..., 0] + 10) & (pixels[..., 2] >= pixels[..., 1])
+               & (pixels[..., 2] > 80))
         if sky.any() and (~sky).any():
             images[i][sky] = pixels[~sky].float().mean(0).round().to(torch.uint8)
     return images
 
 
 def paste_top(images, rgb, rows=0.25):
-    """Copies of `images` whose top quarter of rows is the uniform colour `rgb`: the sky rule run in reverse."""
+    """Copies of `images` whose top quarter of rows is the uniform colour `rgb`: the sky rule run in
+    reverse."""
     images = images.clone()
-    images[:, :max(1, int(round(rows * images.shape[1])))] = torch.tensor(rgb, dtype=torch.float32).round().to(torch.uint8)
+    colour = torch.tensor(rgb, dtype=torch.float32).round().to(torch.uint8)
+    images[:, :max(1, int(round(rows * images.shape[1])))] = colour
     return images
 
 
 def intervention_run(cfg, x, y, keep, seed, device, pastes=None):
-    """GD from the seed's initialization on the kept examples of (x, y): the history (per-example losses of the
-    kept examples) with the sharpness every cfg.eig_every steps and, given pastes (name -> normalized images),
-    the mean softmax probability of airplane on each set of pasted images at those steps."""
+    """GD from the seed's initialization on the kept examples of (x, y): the history (per-example losses of
+    the kept examples) with the sharpness every cfg.eig_every steps and, given pastes (name -> normalized
+    images), the mean softmax probability of airplane on each set of pasted images at those steps."""
     xk, yk = x[keep].to(device), y[keep].to(device)
     torch.manual_seed(seed)
     model = osig.MLP(x[0].numel(), cfg.width, 2, 10).to(device)
@@ -1372,16 +1377,18 @@ def intervention_run(cfg, x, y, keep, seed, device, pastes=None):
 
 
 def intervention_summary(cfg, history, sky_pair):
-    """What an intervention may change: the sharpening rate before the crossing (per 100 steps), the first step
-    with sharpness >= 2/lr, the spike events after it, the sky pair's anti-phase amplitude (mean |change of
-    L(sky airplanes) - L(sky birds/ships)| per step after the crossing) and the final training loss."""
+    """What an intervention may change: the sharpening rate before the crossing (per 100 steps), the first
+    step with sharpness >= 2/lr, the spike events after it, the sky pair's anti-phase amplitude (mean
+    |change of L(sky airplanes) - L(sky birds/ships)| per step after the crossing) and the final training
+    loss."""
     steps, sharpness = osig.measured(history, "eigenvalues")
     eos = osig.edge_of_stability(steps, sharpness[:, 0], cfg.lr)
     first = eos["first"]
     end = int(np.searchsorted(steps, first)) if first is not None else len(steps) - 1
     losses, after = history["per_example_loss"].astype(np.float64), first if first is not None else cfg.steps
     spikes = osig.loss_spikes(history["loss"])
-    gap = losses[after:, sky_pair[0]].mean(1) - losses[after:, sky_pair[1]].mean(1) if after < cfg.steps - 2 else [0, 0]
+    gap = (losses[after:, sky_pair[0]].mean(1) - losses[after:, sky_pair[1]].mean(1)
+           if after < cfg.steps - 2 else [0, 0])
     return {"rate": (sharpness[end, 0] - sharpness[0, 0]) / max(steps[end], 1) * 100,
             "first": first if first is not None else math.inf, "spikes": int((spikes[:, 0] >= after).sum()),
             "antiphase": float(np.abs(np.diff(gap)).mean()), "final": float(history["loss"][-1]),
@@ -1425,7 +1432,8 @@ def run_interventions(cfg, out, device, log=print):
                 rows.append(dict(seed=seed, variant=variant, fraction=fraction,
                                  **intervention_summary(cfg, history, pair)))
                 log(f"  seed {seed}: {variant} {fraction:.0%}: " + ", ".join(
-                    f"{k} {v:.4g}" for k, v in rows[-1].items() if k not in ("seed", "variant", "fraction", "curve")))
+                    f"{k} {v:.4g}" for k, v in rows[-1].items()
+                    if k not in ("seed", "variant", "fraction", "curve")))
     return interventions_report(cfg, rows, shifts, out, log)
 
 
@@ -1434,7 +1442,8 @@ def airplane_shifts(history, first):
     each sharpness measurement; and the steps, with the crossing step."""
     steps, records = np.array([m["step"] for m in history["measured"] if "airplane" in m]), \
         [m["airplane"] for m in history["measured"] if "airplane" in m]
-    return steps, first, {name: np.array([r[name] - r["original"] for r in records]) for name in ("sky", "grey", "green")}
+    return steps, first, {name: np.array([r[name] - r["original"] for r in records])
+                          for name in ("sky", "grey", "green")}
 
 
 def interventions_report(cfg, rows, shifts, out, log):
@@ -1445,44 +1454,48 @@ def interventions_report(cfg, rows, shifts, out, log):
         against random removal of as many examples."""
         values = []
         for seed in cfg.seeds:
-            row = next(r for r in rows if r["seed"] == seed and r["variant"] == variant and r["fraction"] == fraction)
+            row = next(r for r in rows if r["seed"] == seed and r["variant"] == variant
+                       and r["fraction"] == fraction)
             control = next(r for r in rows if r["seed"] == seed and r["variant"] == "random removed"
                            and r["fraction"] == fraction)
-            delay = (min(row["first"], cfg.steps) - min(control["first"], cfg.steps)) / max(min(control["first"],
-                                                                                                 cfg.steps), 1)
+            control_first = min(control["first"], cfg.steps)
+            delay = (min(row["first"], cfg.steps) - control_first) / max(control_first, 1)
             cut = 1 - row["spikes"] / control["spikes"] if control["spikes"] else 0.0
             values.append(max(delay, cut))
         return np.array(values)
 
     def interval(values):
         half = 4.30 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) == 3 else math.nan
-        return f"mean {values.mean():.2f}, 95% t-interval {values.mean() - half:.2f}..{values.mean() + half:.2f}, " \
-               f"per seed " + ", ".join(f"{v:.2f}" for v in values)
+        return f"mean {values.mean():.2f}, 95% t-interval {values.mean() - half:.2f}.." \
+               f"{values.mean() + half:.2f}, per seed " + ", ".join(f"{v:.2f}" for v in values)
 
     top, c = max(cfg.fractions), []
     for variant in ("removed", "recoloured"):
         values = effect(variant, top)
-        c.append(criterion(f"{variant} top {top:.0%}: delay of the crossing or cut in spike events against random "
-                           "removal (the larger, mean over seeds)", values.mean(), ">= 0.3",
+        c.append(criterion(f"{variant} top {top:.0%}: delay of the crossing or cut in spike events against "
+                           "random removal (the larger, mean over seeds)", values.mean(), ">= 0.3",
                            "paper (its reading predicts 30% or more)", where=interval(values), log=log))
     dose = [effect("removed", f).mean() for f in sorted(cfg.fractions)]
     c.append(criterion("dose response: removal's effect at the largest fraction minus at the smallest",
-                       dose[-1] - dose[0], "> 0", "paper", where=", ".join(f"{f:.0%}: {d:.2f}" for f, d in
-                                                                           zip(sorted(cfg.fractions), dose)), log=log))
-    early = [np.mean(s["sky"][steps < first]) - max(np.mean(s["grey"][steps < first]), np.mean(s["green"][steps < first]))
+                       dose[-1] - dose[0], "> 0", "paper",
+                       where=", ".join(f"{f:.0%}: {d:.2f}" for f, d in zip(sorted(cfg.fractions), dose)),
+                       log=log))
+    early = [np.mean(s["sky"][steps < first])
+             - max(np.mean(s["grey"][steps < first]), np.mean(s["green"][steps < first]))
              for steps, first, s in shifts]
-    c.append(criterion("sky paste raises p(airplane) before the crossing more than grey and green pastes (mean over "
-                       "seeds of the difference)", np.mean(early), "> 0", "paper", where="per seed " +
-                       ", ".join(f"{e:.3f}" for e in early), log=log))
-    swings = [np.abs(np.diff(s["sky"][steps >= first])).mean() / max(np.abs(np.diff(s["sky"][steps < first])).mean(),
-                                                                     1e-12) for steps, first, s in shifts]
-    c.append(criterion("the sky paste's shift moves more per measurement after the crossing than before (mean over "
-                       "seeds of the ratio)", np.mean(swings), ">= 2", "paper (it oscillates at the edge); 2: choice",
+    c.append(criterion("sky paste raises p(airplane) before the crossing more than grey and green pastes "
+                       "(mean over seeds of the difference)", np.mean(early), "> 0", "paper",
+                       where="per seed " + ", ".join(f"{e:.3f}" for e in early), log=log))
+    swings = [np.abs(np.diff(s["sky"][steps >= first])).mean()
+              / max(np.abs(np.diff(s["sky"][steps < first])).mean(), 1e-12) for steps, first, s in shifts]
+    c.append(criterion("the sky paste's shift moves more per measurement after the crossing than before "
+                       "(mean over seeds of the ratio)", np.mean(swings), ">= 2",
+                       "paper (it oscillates at the edge); 2: choice",
                        where="per seed " + ", ".join(f"{w:.2f}" for w in swings), log=log))
     table = ["| seed | variant | fraction | sharpening / 100 steps | first >= 2/lr | spike events | sky-pair "
              "anti-phase | final loss |", "|---|---|---|---|---|---|---|---|"]
-    table += [f"| {r['seed']} | {r['variant']} | {r['fraction']:.0%} | {r['rate']:.2f} | {r['first']} | {r['spikes']} "
-              f"| {r['antiphase']:.4f} | {r['final']:.4f} |" for r in rows]
+    table += [f"| {r['seed']} | {r['variant']} | {r['fraction']:.0%} | {r['rate']:.2f} | {r['first']} | "
+              f"{r['spikes']} | {r['antiphase']:.4f} | {r['final']:.4f} |" for r in rows]
     figure_interventions(cfg, rows, shifts, out)
     return {"criteria": c, "figures": ["interventions.png"], "notes": ["Each run (variant x seed):\n\n" +
                                                                         "\n".join(table)]}
@@ -1490,18 +1503,20 @@ def interventions_report(cfg, rows, shifts, out, log):
 
 def figure_interventions(cfg, rows, shifts, out):
     """interventions.png: the first seed's sharpness curves at the largest fraction, the dose response of each
-    variant (mean first crossing over seeds), and p(airplane) shifts of the pasted test images over training."""
+    variant (mean first crossing over seeds), and p(airplane) shifts of the pasted test images over
+    training."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     seed, top = cfg.seeds[0], max(cfg.fractions)
     for r in rows:
         if r["seed"] == seed and r["fraction"] in (0.0, top):
-            axes[0].plot(*r["curve"], lw=1, label=f"{r['variant']} {r['fraction']:.0%}" if r["fraction"] else "as is")
+            label = f"{r['variant']} {r['fraction']:.0%}" if r["fraction"] else "as is"
+            axes[0].plot(*r["curve"], lw=1, label=label)
     axes[0].axhline(2 / cfg.lr, ls="--", color="k", lw=0.8)
     axes[0].set(xlabel="step", ylabel="sharpness", title=f"seed {seed}")
     axes[0].legend(fontsize=7)
     for variant in ("removed", "recoloured", "random removed"):
-        firsts = [np.mean([min(r["first"], cfg.steps) for r in rows if r["variant"] == variant and r["fraction"] == f])
-                  for f in cfg.fractions]
+        firsts = [np.mean([min(r["first"], cfg.steps) for r in rows
+                           if r["variant"] == variant and r["fraction"] == f]) for f in cfg.fractions]
         axes[1].plot(np.array(cfg.fractions) * 100, firsts, "o-", label=variant)
     axes[1].set(xlabel="% of examples changed", ylabel="first step with sharpness >= 2/lr (mean over seeds)")
     axes[1].legend(fontsize=7)
@@ -1765,35 +1780,40 @@ PRODUCTS = {1: 12, "k": 30}
 
 
 def predict_seconds(cfg, device):
-    """Predicted wall time of one experiment on `device`, from the measured cost of a gradient, a
-    Hessian-vector product and a per-example gradient of its own model on 16 random rows (images or
-    sequences), scaled linearly in the number of rows. Full-batch GD steps cost a gradient each; each
-    sharpness measurement a warm-started Lanczos (PRODUCTS), the opposing groups (3 gradients and 2·top
-    per-example gradients) and the curvature one step away (2 fresh products, about 3 gradients each)."""
-    if isinstance(cfg, LinearConfig):      # float64 toys on one thread, per step: calibrated on the CPU
-                                           # profile
+    """Predicted wall time of one experiment on `device`: the cost of a gradient, a Hessian-vector product and
+    a per-example gradient of its own model, measured on 64 random rows (images or sequences), fed to
+    `predicted_seconds`. The float64 toys and the planted grid run on the CPU at a calibrated cost per
+    step."""
+    if isinstance(cfg, LinearConfig):        # per step, calibrated on the CPU profile
         return (cfg.large_steps * 2 + cfg.small_steps) * 2.3e-3
     if isinstance(cfg, ToyConfig):
         return 2 * cfg.steps * 3.7e-3
-    if isinstance(cfg, PlantedDoseConfig):    # calibrated on the CPU: about 4 s per 200-step cell
+    if isinstance(cfg, PlantedDoseConfig):   # about 4 s per 200-step cell on the CPU
         return len(cfg.strengths) * len(cfg.fractions) * cfg.steps * 0.02
-    if isinstance(cfg, InterventionsConfig):  # runs of an MLP on n images; sharpness: ~12 products of ~2 gradients
-        model = osig.MLP(3072, cfg.width, 2, 10).to(device)
-        x, y = torch.randn(256, 3, 32, 32, device=device), torch.arange(256, device=device) % 10
-        t_grad = unit_costs(model, osig.mse_loss, x, y, device)[0] / 256 * cfg.n_train
-        runs = len(cfg.seeds) * (1 + 3 * len(cfg.fractions))
-        return runs * cfg.steps * t_grad * (1 + 12 * 2 / cfg.eig_every)
-    rows = 64                             # at 16 rows per-row costs read high (overheads dominate)
-    if isinstance(cfg, TextConfig) or cfg.model == "gpt":
-        model = osig.GPT(65, cfg.context, getattr(cfg, "dim", getattr(cfg, "width", 64)),
-                         cfg.depth).to(device)
+    rows = 64                                # at 16 rows the per-row costs read high: overheads dominate
+    if isinstance(cfg, TextConfig) or getattr(cfg, "model", "") == "gpt":
+        width = cfg.dim if isinstance(cfg, TextConfig) else cfg.width
+        model = osig.GPT(65, cfg.context, width, cfg.depth).to(device)
         x = torch.randint(0, 65, (rows, cfg.context), device=device)
         y, loss_fn = x.roll(-1, 1), osig.cross_entropy_loss
     else:
-        model, loss_fn = build_model(cfg, (3, 32, 32), 0).to(device), LOSSES[cfg.loss]
+        model = (osig.MLP(3072, cfg.width, 2, 10) if isinstance(cfg, InterventionsConfig)
+                 else build_model(cfg, (3, 32, 32), 0)).to(device)
+        loss_fn = osig.mse_loss if isinstance(cfg, InterventionsConfig) else LOSSES[cfg.loss]
         x, y = torch.randn(rows, 3, 32, 32, device=device), torch.arange(rows, device=device) % 10
     t_grad, t_hvp, t_example = unit_costs(model, loss_fn, x, y, device)
-    t_grad, t_hvp = t_grad / rows, t_hvp / rows                      # per row
+    return predicted_seconds(cfg, t_grad / rows, t_hvp / rows, t_example)
+
+
+def predicted_seconds(cfg, t_grad, t_hvp, t_example):
+    """Seconds an experiment takes given the cost per row (image or sequence) of a gradient and of a
+    Hessian-vector product, and of one per-example gradient. A full-batch GD step costs a gradient; each
+    sharpness measurement a warm-started Lanczos (PRODUCTS), the opposing groups (3 gradients and 2·top
+    per-example gradients), the curvature one step away and who owns it (about 6 gradients); a minibatch step
+    a gradient of the batch; a recorded full-set loss a third of a gradient."""
+    if isinstance(cfg, InterventionsConfig):
+        runs = len(cfg.seeds) * (1 + 3 * len(cfg.fractions))
+        return runs * cfg.steps * t_grad * cfg.n_train * (1 + PRODUCTS[1] * t_hvp / t_grad / cfg.eig_every)
     if isinstance(cfg, (ImagesConfig, TextConfig)):
         n, seeds = (cfg.n_train, len(cfg.seeds)) if isinstance(cfg, ImagesConfig) else (cfg.n_sequences, 1)
         products = PRODUCTS[1] if cfg.eig_k == 1 else PRODUCTS["k"]
@@ -2139,7 +2159,8 @@ def main(argv=None):
           + f"; total {sum(predicted.values()) / 60:.1f} min")
     failures, start = 0, time.time()
     for i, name in enumerate(todo):
-        cfg, title = configs[name], type(configs[name]).__doc__.split("\n")[0]
+        # the title: the config class docstring's first paragraph
+        cfg, title = configs[name], " ".join(type(configs[name]).__doc__.split("\n\n")[0].split())
         config = json.loads(json.dumps(dataclasses.asdict(cfg)))
         left = sum(predicted[n] for n in todo[i:])
         print(f"\n=== {name} ({i + 1}/{len(todo)}; predicted {predicted[name]:.0f}s, about {left / 60:.1f} "
