@@ -5,11 +5,13 @@ osig.py: a small, readable reproduction of
 
 Read it top to bottom: each section uses only what came before it, in the paper's order.
 
-  1. Data            CIFAR-10, normalization, seeded subsets; synthetic images with a planted opposing pair.
-  2. Models          MLP, small CNN, VGG-11, ResNet-18, ViT; all twice differentiable.
+  1. Data            CIFAR-10, normalization, seeded subsets; synthetic images with a planted opposing pair;
+                     tiny Shakespeare as characters.
+  2. Models          MLP, small CNN, VGG-11, ResNet-18, ViT, a character GPT; all twice differentiable.
   3. Losses          per-example MSE and cross-entropy.
-  4. Curvature       Hessian-vector products, hand-written Lanczos and power iteration, sharpness.
-  5. Per-example     per-example losses and gradients (vmap), evaluation.
+  4. Curvature       Hessian-vector products, hand-written Lanczos and power iteration, sharpness, the
+                     curvature one step away.
+  5. Per-example     per-example losses, gradients (vmap) and curvatures along a direction (jvp), evaluation.
   6. Training        one loop for full-batch GD and minibatch optimizers, with a measurement hook.
   7. Outliers        edge of stability, loss spikes, heavy tails, opposing groups and their controls,
                      the sky feature and its probes.
@@ -18,7 +20,7 @@ Read it top to bottom: each section uses only what came before it, in the paper'
  10. Optimizers      Adam's preconditioner, split-update SGD, stability thresholds, where the sharp
                      direction lives, group oscillations under minibatch noise.
  11. Plotting        small matplotlib helpers.
-  Appendix           downloading, checking and reading the CIFAR-10 files.
+  Appendix           downloading, checking and reading the data files.
 
 Conventions. A `loss_fn` maps (outputs [B, C], labels [B]) to per-example losses [B]; the training
 objective is their mean over the training set. For a language model outputs are [B, T, C] and labels
@@ -1898,7 +1900,7 @@ def plot_image_grid(axes, images, titles):
             ax.imshow(np.asarray(images[j]))
             ax.set_title(titles[j], fontsize=6, pad=2)
 
-# ----------------------------------------------------------------------------- Appendix: the CIFAR-10 files
+# ----------------------------------------------------------------------------- Appendix: the data files
 
 def cifar10_folder(root, download=True):
     """root/cifar-10-batches-py, made from root/cifar-10-python.tar.gz when absent.
