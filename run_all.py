@@ -196,8 +196,8 @@ class OptimizersConfig:
 CPU_IMAGES = ImagesConfig(seeds=(0, 1, 2))
 # minibatch training of the text GPT: 128 sequences of 64 characters (8,192 token examples), 16 per batch
 TEXT_OPTIMIZERS = OptimizersConfig(data="shakespeare", model="gpt", width=64, depth=2, n_train=128, n_test=64,
-                                   context=64, steps=600, batch_size=16, sgd_lrs=(0.03, 0.1, 0.3, 1.0),
-                                   adam_lrs=(3e-4, 1e-3, 3e-3, 1e-2), clip_lrs=(0.03, 0.1, 0.3, 1.0),
+                                   context=64, steps=500, batch_size=16, sgd_lrs=(0.03, 0.1, 0.3, 1.0),
+                                   adam_lrs=(1e-3, 3e-3, 1e-2, 3e-2), clip_lrs=(0.03, 0.1, 0.3, 1.0),
                                    split_lrs=(0.03, 0.1, 0.3, 1.0), curve_every=50, record_every=5,
                                    eig_every=100, eig_examples=32, top=40, window=20)
 PROFILES = {

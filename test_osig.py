@@ -1377,6 +1377,16 @@ def test_interventions_recolour_only_the_sky_of_the_chosen_images():
     assert (osig.sky_fraction(pasted) == 1).all() and torch.equal(pasted[:, 8:], images[:2, 8:])
 
 
+def test_planted_dose_corner_a_strong_planted_sky_drives_the_edge_of_stability():
+    """Two corners of the phase diagram: the sky planted at full strength on a quarter of two classes drives
+    the MLP to 2/lr and makes the planted groups swing; with nothing planted the same run stays below it."""
+    import run_all
+    cfg = run_all.PlantedDoseConfig(steps=150)
+    planted, unplanted = run_all.dose_cell(cfg, 1.0, 0.25, "cpu"), run_all.dose_cell(cfg, 0.0, 0.25, "cpu")
+    assert planted["first"] is not None and unplanted["first"] is None
+    assert planted["amplitude"] > 10 * unplanted["amplitude"]
+
+
 def test_run_all_smoke_optimizers(tmp_path):
     import run_all
     assert run_all.main(["--profile", "smoke", "--out", str(tmp_path), "--only", "optimizers"]) == 0
