@@ -1387,6 +1387,21 @@ def test_planted_dose_corner_a_strong_planted_sky_drives_the_edge_of_stability()
     assert planted["amplitude"] > 10 * unplanted["amplitude"]
 
 
+@pytest.mark.skipif(not os.environ.get("OSIG_DATA"), reason="set OSIG_DATA to a folder with CIFAR-10 and the text")
+def test_run_all_smoke_text_and_causal_experiments(tmp_path):
+    import run_all
+    names = ("text_gd", "text_optimizers", "planted_dose", "interventions")
+    assert run_all.main(["--profile", "smoke", "--out", str(tmp_path)] + [a for n in names for a in ("--only", n)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    for name in names:
+        record = read_record(tmp_path, name)
+        assert record["status"] == "done" and record["criteria"], name
+        assert all((tmp_path / name / figure).stat().st_size > 1000 for figure in record["figures"])
+        assert f"| [{name}](#{name}) | done |" in report
+    text = {c["name"].split(" (")[0]: c for c in read_record(tmp_path, "text_gd")["criteria"]}
+    assert "the outliers' most over-represented common feature" in " ".join(text)
+
+
 def test_run_all_smoke_optimizers(tmp_path):
     import run_all
     assert run_all.main(["--profile", "smoke", "--out", str(tmp_path), "--only", "optimizers"]) == 0
