@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -2132,6 +2133,16 @@ def plan(args):
     return configs
 
 
+def planned_records(out, keys, hint):
+    """The saved record of every planned experiment whose config and code match `keys`, else "not run"."""
+    def not_run(name):
+        return {"status": "not run", "title": "",
+                "reason": f"no result for this config and code yet: {hint} --only {name}"}
+
+    return {name: saved_record(out / name / "result.json", key) or not_run(name)
+            for name, key in keys.items()}
+
+
 def main(argv=None):
     args = parse_args(argv)
     out, device, configs = Path(args.out), args.device, plan(args)
@@ -2183,21 +2194,16 @@ def main(argv=None):
             record.update(status="skipped", reason=f"{error} (then rerun: {hint} --only {name})")
             print(f"  skipped {name}: {record['reason']}")
         except Exception as error:         # one broken experiment must not lose the others
-            import traceback
             traceback.print_exc()
             failures += 1
             record.update(status="failed",
                           reason=f"{type(error).__name__}: {error} (rerun: {hint} --only {name})")
             print(f"  FAILED {name}: {record['reason']}")
         save_json(out / name / "result.json", record)
-        records = {n: saved_record(out / n / "result.json", keys[n]) or {"status": "not run", "title": "",
-                   "reason": f"no result for this config and code yet: {hint} --only {n}"} for n in configs}
-        write_report(out, records, args.profile, device)
+        write_report(out, planned_records(out, keys, hint), args.profile, device)
         print(f"  {name}: {record['status']} in {time.time() - began:.0f}s "
               f"(predicted {predicted[name]:.0f}s); {(time.time() - start) / 60:.1f} min so far")
-    records = {n: saved_record(out / n / "result.json", keys[n]) or {"status": "not run", "title": "",
-               "reason": f"no result for this config and code yet: {hint} --only {n}"} for n in configs}
-    write_report(out, records, args.profile, device)
+    write_report(out, planned_records(out, keys, hint), args.profile, device)
     print(f"\nreport: {out / 'report.md'}")
     return 1 if failures else 0
 
