@@ -746,15 +746,15 @@ def per_example_grads(model, loss_fn, x, y, chunk=256, positions=None):
 def per_example_curvature(model, loss_fn, x, y, v, chunk=1024):
     """Each example's curvature along a direction v, split into its Gauss-Newton and residual parts.
 
-    With f_i(θ) the model's outputs on example i and ℓ_i = loss of f_i, the curvature of the mean loss along
-    a unit v is vᵀHv = (1/N) Σ_i c_i with
+    With f_i(θ) the model's outputs on example i and ℓ_i = loss of f_i, the curvature of the mean loss
+    along a unit v is vᵀHv = (1/N) Σ_i c_i with
         c_i  = d²/dt² ℓ_i(f_i(θ + t v)) at t = 0                         (total)
              = (J_i v)ᵀ ∇²_f ℓ_i (J_i v)   +   Σ_c ∂ℓ_i/∂f_c · vᵀ∇²f_{i,c} v,
-    the Gauss-Newton term (for MSE |J_i v|², for cross-entropy (J_i v)ᵀ(diag p_i - p_i p_iᵀ)(J_i v)) and the
-    residual term. Forward-mode products compute all of them for every example at once: J v = d/dt f(θ + tv)
-    is one jvp of the outputs; the total is a jvp of that jvp through the loss; the Gauss-Newton term is the
-    second derivative of ℓ_i(f_i + s J_i v) in s (exact for any loss_fn). For a language model each
-    (sequence, position) is one example. Buffers are read, never updated (BN: eval mode).
+    the Gauss-Newton term (for MSE |J_i v|², for cross-entropy (J_i v)ᵀ(diag p_i - p_i p_iᵀ)(J_i v))
+    and the residual term. Forward-mode products compute all of them for every example at once:
+    J v = d/dt f(θ + tv) is one jvp of the outputs; the total is a jvp of that jvp through the loss; the
+    Gauss-Newton term is the second derivative of ℓ_i(f_i + s J_i v) in s (exact for any loss_fn). For a
+    language model each (sequence, position) is one example. Buffers are read, never updated (BN: eval mode).
     Returns a dict of float64 numpy [N]: total, gauss_newton, residual (= total - gauss_newton).
     Needs `unflatten`.
     """
@@ -790,28 +790,51 @@ def per_example_curvature(model, loss_fn, x, y, v, chunk=1024):
 
 # ----------------------------------------------------------------------------- 6. Training
 
+def full_batch_gradient(model, loss_fn, x, y, chunk):
+    """Put ∇L of the mean loss L = (1/N) Σ_i ℓ_i into p.grad, `chunk` rows at a time: each chunk adds
+    ∇(Σ_chunk ℓ_i)/N, so the sum is the one-batch gradient (N counts every example, B·T for a language
+    model). The same forward pass gives every example's loss. Returns (losses [N] detached, flat;
+    accuracy, nan for a single output; the last chunk's outputs)."""
+    losses, correct = [], []
+    for start in range(0, len(x), chunk):
+        outputs = model(x[start:start + chunk])
+        chunk_losses = loss_fn(outputs, y[start:start + chunk])
+        (chunk_losses.sum() / (len(x) * chunk_losses[0].numel())).backward()
+        losses.append(chunk_losses.detach().reshape(-1))
+        correct.append((outputs.detach().argmax(-1) == y[start:start + chunk]).reshape(-1))
+    accuracy = float(torch.cat(correct).float().mean()) if outputs.shape[-1] > 1 else math.nan
+    return torch.cat(losses), accuracy, outputs
+
+
+def minibatches(n, batch_size, generator):
+    """Endless minibatch indices: consecutive batch_size slices of a seeded random permutation of range(n),
+    a new permutation each epoch (a last, partial slice is skipped)."""
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start:start + batch_size]
+
+
 def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, measure=None, clip_norm=None,
           seed=0, log=print):
     """Train `model` on (x, y) with a constructed torch `optimizer`, recording every step.
 
-    Full batch (batch_size None): the gradient of L(θ) = (1/N) Σ_i ℓ_i(θ), accumulated over chunks of
-        `chunk` examples (each adds ∇(Σ_chunk ℓ_i)/N, so the sum is the one-batch gradient). With
-        torch.optim.SGD(lr) this is gradient descent θ ← θ − lr ∇L. The same forward pass gives every
-        example's loss ℓ_i(θ_t), kept as per_example_loss [T, N] at no extra cost (N = B·T' for a
-        language model).
-    Minibatch (batch_size B): each step uses the next B examples of a seeded reshuffle of (x, y), a
-        new one each epoch; loss and accuracy are the minibatch's.
+    Full batch (batch_size None): the gradient of L(θ) = (1/N) Σ_i ℓ_i(θ) (`full_batch_gradient`);
+        with torch.optim.SGD(lr) this is gradient descent θ ← θ − lr ∇L. Its forward pass gives every
+        example's loss ℓ_i(θ_t), kept as per_example_loss [T, N] at no extra cost.
+    Minibatch (batch_size B): each step the next B examples of a seeded reshuffle (`minibatches`); loss and
+        accuracy are the minibatch's.
     clip_norm: rescale the gradient g to g · min(1, clip_norm / |g|) before the update.
-    measure(step, model, optimizer): called at θ_t after the gradient is computed (p.grad holds it),
-        before the update. What it returns (a dict, or None for nothing) is kept in history["measured"]
-        with its step: sharpness, probes, anything (`sharpness_measure` builds the usual one).
-    Divergence: a non-finite loss, or a FloatingPointError from measure (a sharpness computation that
-        overflowed), stops the run with a message in history["diverged"]; all earlier steps are kept.
+    measure(step, model, optimizer): called at θ_t after the gradient is computed (p.grad holds it), before
+        the update; what it returns (a dict, or None) is kept in history["measured"] with its step
+        (`sharpness_measure` builds the usual one).
+    Divergence: a non-finite loss, or a FloatingPointError from measure (an overflowing sharpness), stops
+        the run with a message in history["diverged"]; all earlier steps are kept.
 
     Returns a dict: step, loss, accuracy (nan for one output), grad_norm (before clipping) [T] numpy;
-    per_example_loss float32 [T, N] (full batch; [0, N] otherwise); measured (list of dicts); diverged
-    (None or the message). Seeded: same seed and model init give identical records on the CPU.
-    Needs `check_examples`.
+    per_example_loss float32 [T, N] (full batch; [0, N] otherwise); measured (list of dicts); diverged (None
+    or the message). Same seed and model init give identical records on the CPU.
+    Needs `check_examples`, `full_batch_gradient`, `minibatches`.
     """
     check_examples(x, y)
     n, chunk = len(x), chunk or len(x)
@@ -819,30 +842,17 @@ def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, m
         raise ValueError(f"train: need steps >= 0 (got {steps}), chunk >= 1 (got {chunk}) and batch_size "
                          f"None (full batch) or in 1..{n} (got {batch_size})")
     params = [p for p in model.parameters() if p.requires_grad]
-    generator = torch.Generator().manual_seed(seed)
-    order, cursor = torch.randperm(n, generator=generator), 0
-    history = {"step": [], "loss": [], "accuracy": [], "grad_norm": [], "per_example_loss": [],
-               "measured": [], "diverged": None}
-    start_time = time.time()
+    batches = minibatches(n, batch_size or n, torch.Generator().manual_seed(seed))
+    history = {key: [] for key in ("step", "loss", "accuracy", "grad_norm", "per_example_loss", "measured")}
+    history["diverged"], start_time, lr = None, time.time(), optimizer.param_groups[0]["lr"]
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
         if batch_size is None:                  # full batch: every example, in chunks
-            losses, outputs = [], []
-            for start in range(0, n, chunk):
-                chunk_outputs = model(x[start:start + chunk])
-                chunk_losses = loss_fn(chunk_outputs, y[start:start + chunk])
-                (chunk_losses.sum() / (n * chunk_losses[0].numel())).backward()
-                losses.append(chunk_losses.detach().reshape(-1))
-                outputs.append(chunk_outputs.detach().argmax(-1) if chunk_outputs.shape[-1] > 1 else None)
-            losses = torch.cat(losses)
+            losses, accuracy, outputs = full_batch_gradient(model, loss_fn, x, y, chunk)
             history["per_example_loss"].append(losses.float().cpu())
             loss = float(losses.mean())
-            accuracy = float((torch.cat(outputs) == y).float().mean()) if outputs[0] is not None else math.nan
         else:                                   # minibatch: the next batch_size of a seeded reshuffle
-            if cursor + batch_size > n:
-                order, cursor = torch.randperm(n, generator=generator), 0
-            batch = order[cursor:cursor + batch_size].to(x.device)
-            cursor += batch_size
+            batch = next(batches).to(x.device)
             outputs = model(x[batch])
             batch_loss = loss_fn(outputs, y[batch]).mean()
             batch_loss.backward()
@@ -850,27 +860,24 @@ def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, m
             accuracy = (float((outputs.argmax(-1) == y[batch]).float().mean()) if outputs.shape[-1] > 1
                         else math.nan)
         if step == 0:
-            check_examples(x, y, chunk_outputs if batch_size is None else outputs)
+            check_examples(x, y, outputs)
         grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
                                                                 if p.grad is not None])))
         for key, value in (("step", step), ("loss", loss), ("accuracy", accuracy), ("grad_norm", grad_norm)):
             history[key].append(value)
         problem = None if math.isfinite(loss) else f"loss {loss}"
-        if measure is not None and problem is None:
-            try:
-                measured = measure(step, model, optimizer)
-                if measured is not None:
-                    history["measured"].append(dict(measured, step=step))
-            except FloatingPointError as error:
-                problem = str(error)
+        try:
+            record = measure(step, model, optimizer) if measure is not None and problem is None else None
+            history["measured"] += [dict(record, step=step)] if record is not None else []
+        except FloatingPointError as error:
+            problem = str(error)
+        sharpness = ([m["eigenvalues"][0] for m in history["measured"] if "eigenvalues" in m]
+                     or [math.nan])[-1]
         if problem is not None:
-            last = [m["eigenvalues"][0] for m in history["measured"] if "eigenvalues" in m]
-            lr = optimizer.param_groups[0]["lr"]
             history["diverged"] = (
-                f"training diverged at step {step} ({problem}); last sharpness "
-                f"{last[-1] if last else math.nan:.4g}, gradient descent's threshold 2/lr = "
-                f"{2 / lr if lr > 0 else math.inf:.4g} at lr = {lr:.4g}: lower the learning rate. "
-                f"Steps 0..{step} are kept in the history.")
+                f"training diverged at step {step} ({problem}); last sharpness {sharpness:.4g}, gradient "
+                f"descent's threshold 2/lr = {2 / lr if lr > 0 else math.inf:.4g} at lr = {lr:.4g}: lower "
+                f"the learning rate. Steps 0..{step} are kept in the history.")
             if log:
                 log(history["diverged"])
             break
@@ -879,16 +886,13 @@ def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, m
         optimizer.step()
         if log and (step % max(1, steps // 10) == 0 or step == steps - 1):
             elapsed = time.time() - start_time
-            last = [m["eigenvalues"][0] for m in history["measured"] if "eigenvalues" in m]
-            log(f"step {step:5d} | loss {loss:.4f} | acc {accuracy:.3f} | sharpness "
-                f"{last[-1] if last else math.nan:8.2f} | {elapsed:6.1f}s, "
-                f"ETA {elapsed / (step + 1) * (steps - step - 1):6.1f}s")
-    result = {key: np.asarray(history[key], dtype=np.float64)
-              for key in ("step", "loss", "accuracy", "grad_norm")}
-    result["step"] = result["step"].astype(np.int64)
+            log(f"step {step:5d} | loss {loss:.4f} | acc {accuracy:.3f} | sharpness {sharpness:8.2f} | "
+                f"{elapsed:6.1f}s, ETA {elapsed / (step + 1) * (steps - step - 1):6.1f}s")
+    result = {key: np.asarray(history[key], dtype=np.float64) for key in ("loss", "accuracy", "grad_norm")}
     result["per_example_loss"] = (torch.stack(history["per_example_loss"]).numpy()
                                   if history["per_example_loss"] else np.zeros((0, n), np.float32))
-    return dict(result, measured=history["measured"], diverged=history["diverged"])
+    return dict(result, step=np.asarray(history["step"], dtype=np.int64), measured=history["measured"],
+                diverged=history["diverged"])
 
 
 def measured(history, key):

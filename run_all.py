@@ -453,92 +453,106 @@ def images_run(cfg, seed, device, log):
                 planted=None if planted is None else planted.numpy(), features=x.cpu())
 
 
+def median(values):
+    """The median of the finite values (nan when there are none), for statistics of possibly empty groups."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    return float(np.median(values[np.isfinite(values)])) if np.isfinite(values).any() else math.nan
+
+
 def gd_criteria(cfg, history, log):
     """The criteria every full-batch GD experiment shares (nan, so not met, where the run gives nothing to
-    measure): progressive sharpening to 2/lr and the hover there, spikes, the heavy tail of loss changes, and
-    the opposing groups' alignment, gradient split and anti-phase, each against its control. Returns
-    (criteria, analysis)."""
-    nan = math.nan
+    measure): `sharpening_criteria` and `selection_criteria`. Returns (criteria, analysis): the analysis holds
+    what the later criteria and the figures read (the crossing, per-example losses and changes, the post-EoS
+    selections, the spikes, the owners of the curvature)."""
     losses = history["per_example_loss"].astype(np.float64)
     eig_step, eigenvalues = osig.measured(history, "eigenvalues")
     eos = osig.edge_of_stability(eig_step, eigenvalues[:, 0], cfg.lr)
     first = eos["first"]
     reached = first is not None and len(losses) - first >= 50
-    c = []
-    c.append(criterion("first step with sharpness >= 2/lr", nan if first is None else first,
-                       f"<= {cfg.eos_by}", "choice", log=log))
-    c.append(criterion("sharpness at step 0 / (2/lr)", eos["initial_ratio"], "<= 0.7", "choice", log=log))
-    c.append(criterion("rise of the sharpness from its early minimum to the crossing", eos["rise"], ">= 3",
-                       "choice", log=log))
-    c.append(criterion("median |sharpness / (2/lr) - 1| from the crossing on", eos["hover"], "<= 0.15",
-                       "paper (hover at 2/lr); tolerance: choice", log=log))
+    a = dict(eos=eos, first=first, reached=reached, losses=losses, delta=np.diff(losses, axis=0),
+             window=slice(first, len(losses)) if reached else slice(0, 0), eig_step=eig_step,
+             eigenvalues=eigenvalues)
+    return sharpening_criteria(cfg, history, a, log) + selection_criteria(cfg, history, a, log), a
+
+
+def sharpening_criteria(cfg, history, a, log):
+    """Progressive sharpening to 2/lr (the crossing, the start below it, the rise), the hover at the iterate
+    and one GD step away, spike events after the crossing and the heavy tail of loss changes against the run's
+    own pre-EoS steps. Adds the post-EoS spike events to the analysis `a`."""
+    eos, first, reached, delta, nan = a["eos"], a["first"], a["reached"], a["delta"], math.nan
+    c = [criterion("first step with sharpness >= 2/lr", nan if first is None else first, f"<= {cfg.eos_by}",
+                   "choice", log=log),
+         criterion("sharpness at step 0 / (2/lr)", eos["initial_ratio"], "<= 0.7", "choice", log=log),
+         criterion("rise of the sharpness from its early minimum to the crossing", eos["rise"], ">= 3",
+                   "choice", log=log),
+         criterion("median |sharpness / (2/lr) - 1| from the crossing on", eos["hover"], "<= 0.15",
+                   "paper (hover at 2/lr); tolerance: choice", log=log)]
     _, step_curvature = osig.measured(history, "step_curvature")
-    ratio = step_curvature / eigenvalues[:len(step_curvature), 0]
-    after_crossing = eig_step[:len(step_curvature)] >= (first if reached else np.inf)
-    step_scale = (np.median(step_curvature[after_crossing]) * cfg.lr / 2, np.median(ratio[after_crossing])) \
-        if after_crossing.any() else (nan, nan)
+    after = a["eig_step"][:len(step_curvature)] >= (first if reached else np.inf)
+    step_scale = median(step_curvature[after]) * cfg.lr / 2
+    at_iterate = median(step_curvature[after] / a["eigenvalues"][:len(step_curvature), 0][after])
     c.append(criterion("median |curvature along the top eigenvector one GD step away / (2/lr) - 1| from the "
-                       "crossing on", abs(step_scale[0] - 1), "<= 0.15",
-                       "paper (hover at 2/lr); tolerance: the hover's", where=f"{step_scale[0]:.2f} x 2/lr, "
-                       f"{step_scale[1]:.2f} x the sharpness at the iterate", log=log))
+                       "crossing on", abs(step_scale - 1), "<= 0.15", "paper (hover at 2/lr); tolerance: the "
+                       "hover's", where=f"{step_scale:.2f} x 2/lr, {at_iterate:.2f} x the sharpness at the "
+                       f"iterate", log=log))
     spikes = osig.loss_spikes(history["loss"])
-    after = spikes[spikes[:, 0] >= first] if reached else spikes[:0]
+    a["spikes"] = spikes[spikes[:, 0] >= first] if reached else spikes[:0]
     c.append(criterion("loss spike events after the crossing (runs of loss > 1.1 x min of previous 20 steps)",
-                       len(after) if reached else nan, ">= 15", "choice", log=log))
-    delta = np.diff(losses, axis=0)                                        # [T-1, N]: step t -> t+1
-    share_pre = float(np.median(osig.top_fraction_share(delta[first // 2:first]))) if reached and first > 1 \
-        else nan
-    share_post = float(np.median(osig.top_fraction_share(delta[first:]))) if reached else nan
+                       len(a["spikes"]) if reached else nan, ">= 15", "choice", log=log))
+    share_pre = median(osig.top_fraction_share(delta[first // 2:first])) if reached and first > 1 else nan
+    share_post = median(osig.top_fraction_share(delta[first:])) if reached else nan
     c.append(criterion("heavy tail: median top-1% share of |loss change|, post-EoS / pre-EoS steps of the "
                        "run", share_post / share_pre, ">= 1.5", "choice",
                        where=f"{share_post:.3f} post vs {share_pre:.3f} pre (steps "
                        f"{first // 2 if reached else '-'}..{first}); i.i.d. Gaussian gives 0.036", log=log))
+    return c
+
+
+def selection_criteria(cfg, history, a, log):
+    """The opposing groups selected after the crossing, each against its control: alignment with the sharp
+    subspace (against pre-EoS selections), both directions present, the gradient split's group cosine
+    (against random examples), anti-phase (against a random split of the same outliers) and their share of
+    the sharp direction's curvature (against random examples). Adds the selections and owners to `a`."""
+    first, reached, losses = a["first"], a["reached"], a["losses"]
     selections = [(m["step"], m["groups"]) for m in history["measured"] if "groups" in m]
     post = [(s, g) for s, g in selections if reached and s >= first and s + 12 < len(losses)]
     pre = [g for s, g in selections if reached and first // 2 <= s < first]
-    cos_post = np.median(np.concatenate([g["cos_subspace"] for _, g in post])) if post else nan
-    cos_pre = np.median(np.concatenate([g["cos_subspace"] for g in pre])) if pre else nan
-    c.append(criterion(f"median cos(g_i, top-{cfg.eig_k} eigenspace) of the top-{cfg.top} outliers: "
-                       "post-EoS / pre-EoS selections", cos_post / cos_pre, ">= 1.5", "choice",
-                       where=f"{cos_post:.3f} vs {cos_pre:.3f} ({len(post)} and {len(pre)} selections)",
-                       log=log))
-    both = np.mean([g["n_up"] >= 5 and g["n_down"] >= 5 for _, g in post]) if post else nan
-    c.append(criterion(f"post-EoS selections whose top-{cfg.top} hold >= 5 going up and >= 5 going down",
-                       both, ">= 0.8", "choice", log=log))
+    cos_post = median(np.concatenate([g["cos_subspace"] for _, g in post] or [[]]))
+    cos_pre = median(np.concatenate([g["cos_subspace"] for g in pre] or [[]]))
+    c = [criterion(f"median cos(g_i, top-{cfg.eig_k} eigenspace) of the top-{cfg.top} outliers: post-EoS / "
+                   "pre-EoS selections", cos_post / cos_pre, ">= 1.5", "choice",
+                   where=f"{cos_post:.3f} vs {cos_pre:.3f} ({len(post)} and {len(pre)} selections)", log=log),
+         criterion(f"post-EoS selections whose top-{cfg.top} hold >= 5 going up and >= 5 going down",
+                   np.mean([g["n_up"] >= 5 and g["n_down"] >= 5 for _, g in post]) if post else math.nan,
+                   ">= 0.8", "choice", log=log)]
     cosines = np.array([(g["group_mean_cosine"], g["group_mean_cosine_random"])
                         for _, g in post]).reshape(-1, 2)
-    gap = float(np.nanmedian(cosines[:, 0] - cosines[:, 1])) if post else nan
     c.append(criterion("cosine of the two predicted groups' mean gradients: outliers minus random examples "
-                       "split by the same rule (median)", gap, "<= -0.2", "choice", where=f"outliers "
-                       f"{np.nanmedian(cosines[:, 0]) if post else nan:.2f}, random "
-                       f"{np.nanmedian(cosines[:, 1]) if post else nan:.2f}", log=log))
+                       "split by the same rule (median)", median(cosines[:, 0] - cosines[:, 1]), "<= -0.2",
+                       "choice", where=f"outliers {median(cosines[:, 0]):.2f}, random "
+                       f"{median(cosines[:, 1]):.2f}", log=log))
     antiphase = np.array([osig.post_selection_correlation(losses, s, g["index"][g["loss_change"] > 0],
                                                           g["index"][g["loss_change"] <= 0], seed=s)
                           for s, g in post]).reshape(-1, 2)
     c.append(criterion("anti-phase after selection: corr(up, down) minus a random split of the same "
-                       "outliers (median)", np.nanmedian(antiphase[:, 0] - antiphase[:, 1]) if post else nan,
-                       "<= -0.6", "choice",
-                       where=f"selected {np.nanmedian(antiphase[:, 0]) if post else nan:.2f}, random split "
-                       f"{np.nanmedian(antiphase[:, 1]) if post else nan:.2f}", log=log))
-    owner_steps = np.array([m["step"] for m in history["measured"] if "owners" in m])
+                       "outliers (median)", median(antiphase[:, 0] - antiphase[:, 1]), "<= -0.6", "choice",
+                       where=f"selected {median(antiphase[:, 0]):.2f}, random split "
+                       f"{median(antiphase[:, 1]):.2f}", log=log))
+    steps = np.array([m["step"] for m in history["measured"] if "owners" in m])
     owners = {key: np.array([m["owners"][key] for m in history["measured"] if "owners" in m])
               for key in ("top1", "outliers", "ratio", "residual")}
-    late = owner_steps >= (first if reached else np.inf)
-    early = (owner_steps < (first if reached else 0)) & (owner_steps >= (first // 2 if reached else 0))
+    late = steps >= (first if reached else np.inf)
+    early = (steps < (first if reached else 0)) & (steps >= (first // 2 if reached else 0))
     c.append(criterion(f"who owns the top eigenvector's curvature: the top-{cfg.top} outliers' curvature per "
                        "example / random examples' (median after the crossing)",
-                       np.median(owners["ratio"][late]) if late.any() else nan, ">= 10",
-                       "paper (its reading predicts 10x or more)", where=f"before the crossing "
-                       f"{np.median(owners['ratio'][early]) if early.any() else nan:.3g}; top 1% of "
-                       f"examples carry {np.median(owners['top1'][late]) if late.any() else nan:.2f} of it "
-                       f"after ({np.median(owners['top1'][early]) if early.any() else nan:.2f} before); "
-                       f"the residual term is "
-                       f"{np.median(owners['residual'][late]) if late.any() else nan:.2f} of it", log=log))
-    return c, dict(eos=eos, first=first, reached=reached, spikes=after, delta=delta, post=post, losses=losses,
-                   owners=(owner_steps, owners),
-                   window=slice(first, len(losses)) if reached else slice(0, 0), eig_step=eig_step,
-                   eigenvalues=eigenvalues, linearization=np.median([g["linearization_balanced_accuracy"]
-                                                                      for _, g in post]) if post else nan)
+                       median(owners["ratio"][late]), ">= 10", "paper (its reading predicts 10x or more)",
+                       where=f"before the crossing {median(owners['ratio'][early]):.3g}; top 1% of examples "
+                       f"carry {median(owners['top1'][late]):.2f} of it after "
+                       f"({median(owners['top1'][early]):.2f} before); the residual term is "
+                       f"{median(owners['residual'][late]):.2f} of it", log=log))
+    a.update(post=post, owners=(steps, owners),
+             linearization=median([g["linearization_balanced_accuracy"] for _, g in post]))
+    return c
 
 
 def image_criteria(cfg, run, a, log):
@@ -946,10 +960,9 @@ def toy_run(cfg, alpha, log):
 
 
 def plot_toy(toy, control, path):
-    """toy.png: the full run (losses, sharpness, odd/even use of x_0), a zoom on the anti-phase oscillation,
-    f(x_0 e_0)."""
-    edge = 2 / toy["lr"]
-    steps = np.arange(len(toy["loss"]))
+    """toy.png: the full run (left: losses, sharpness, odd/even use of x_0) and a zoom on the anti-phase
+    oscillation before |x_0| is learned, with f(x_0 e_0) at a few moments (right)."""
+    edge, steps = 2 / toy["lr"], np.arange(len(toy["loss"]))
     crossing = int(np.argmax(toy["sharpness"] >= edge)) if (toy["sharpness"] >= edge).any() else \
         len(steps) - 1
     half_learned = min(osig.half_learned_step(toy["even"]), len(steps) - 1)
@@ -957,81 +970,78 @@ def plot_toy(toy, control, path):
         & (steps < half_learned)
     gap = np.where(episode, np.abs(toy["loss_plus"] - toy["loss_minus"]), -1)
     center = int(np.argmax(gap)) if episode.any() else crossing
-    window = np.arange(max(center - 20, 0), min(center + 20, len(steps)))
-
     fig, axes = plt.subplots(3, 2, figsize=(16, 12))
-
-    def mark(ax):
-        ax.axvline(crossing, color="tab:green", ls=":", lw=1)
-        ax.axvline(half_learned, color="tab:purple", ls=":", lw=1)
-
-    ax = axes[0, 0]
-    # even steps only: in the anti-phase oscillation the groups swap on odd steps, so this separates them
-    ax.semilogy(steps[::2], toy["loss_minus"][::2], color="tab:blue", lw=0.6,
-                label="group x_0 = −α (even steps)")
-    ax.semilogy(steps[::2], toy["loss_plus"][::2], color="tab:red", lw=0.6,
-                label="group x_0 = +α (even steps)")
-    ax.semilogy(steps, toy["loss"], color="k", lw=1.2, label="total loss")
-    mark(ax)
-    ax.set_title(f"toy ReLU network, α = {toy['alpha']:g}, lr = {toy['lr']:g} "
-                 f"(green: sharpness crosses 2/lr; purple: |x_0| part half learned)", fontsize=10)
-    ax.legend(fontsize=8)
-    ax = axes[1, 0]
-    ax.plot(steps, toy["sharpness"], color="k", lw=1, label="sharpness (Lanczos)")
-    ax.plot(steps, toy["opposing_curvature"], color="tab:orange", lw=0.8, ls="--",
-            label="x_0-column curvature λmax(M)")
-    ax.plot(steps, control["sharpness"], color="gray", lw=1,
-            label=f"control α = {control['alpha']:g}: sharpness")
-    ax.axhline(edge, color="tab:green", ls=":", label="2/lr")
-    mark(ax)
-    ax.set_ylim(0, 1.2 * max(toy["sharpness"].max(), edge))
-    ax.legend(fontsize=8)
-    ax = axes[2, 0]
-    ax.plot(steps, toy["odd"], color="tab:brown", lw=0.3,
-            label="odd part (f(αe_0) − f(−αe_0))/2: linear use of x_0")
-    ax.plot(steps, toy["even"], color="tab:purple", lw=1.2,
-            label="even part (f(αe_0) + f(−αe_0))/2 − f(0): |x_0| use")
-    if toy["loss_name"] == "mse":
-        ax.axhline(toy["offset"], color="tab:purple", ls=":", lw=0.8, label="|x_0| target offset")
-    mark(ax)
-    ax.set_xlabel("step")
-    ax.legend(fontsize=8, loc="upper right")
-    twin = ax.twinx()
-    twin.plot(steps, toy["active_both"], color="gray", lw=0.5)
-    twin.set_ylabel("fraction of units active on both signs (gray)", fontsize=8)
-
-    ax = axes[0, 1]
-    ax.plot(window, toy["loss_plus"][window], "o-", color="tab:red", ms=3, lw=0.8, label="group x_0 = +α")
-    ax.plot(window, toy["loss_minus"][window], "o-", color="tab:blue", ms=3, lw=0.8, label="group x_0 = −α")
-    ax.plot(window, toy["loss"][window], color="k", lw=1, label="total")
-    ax.set_yscale("log")
-    ax.set_title("zoom: edge of stability before |x_0| is learned", fontsize=10)
-    ax.legend(fontsize=8)
-    ax = axes[1, 1]
-    plus, minus = (int(np.argmin(np.abs(toy["grid"] - value))) for value in (toy["alpha"], -toy["alpha"]))
-    ax.plot(window, toy["probe_output"][window, plus], "o-", color="tab:red", ms=3, lw=0.8, label="f(+α e_0)")
-    ax.plot(window, toy["probe_output"][window, minus], "o-", color="tab:blue", ms=3, lw=0.8,
-            label="f(−α e_0)")
-    ax.plot(window, toy["odd"][window], "o-", color="tab:brown", ms=3, lw=0.8, label="odd part")
-    ax.axhline(0, color="gray", lw=0.5)
-    ax.set_xlabel("step")
-    ax.legend(fontsize=8)
-    ax = axes[2, 1]
-    moments = [0, crossing // 2, crossing, center, center + 1, half_learned, len(steps) - 1]
-    styles = ["-", "-", "-", "-", "--", "-", "-"]
-    for t, style in zip(moments, styles):
-        t = min(t, len(steps) - 1)
-        ax.plot(toy["grid"], toy["probe_output"][t], style, lw=1.2, label=f"step {t}")
-    for value in (toy["alpha"], -toy["alpha"]):
-        ax.axvline(value, color="gray", lw=0.5, ls=":")
-    ax.set_xlabel("x_0 (probe input, all other inputs 0)")
-    ax.set_ylabel("network output (two classes: f_1 - f_0)")
-    ax.set_title("f(x_0 e_0) at a few moments (dashed: the step after the previous one)", fontsize=10)
-    ax.legend(fontsize=8)
+    plot_toy_run(axes[:, 0], toy, control, crossing, half_learned)
+    plot_toy_zoom(axes[:, 1], toy, np.arange(max(center - 20, 0), min(center + 20, len(steps))),
+                  [0, crossing // 2, crossing, center, center + 1, half_learned, len(steps) - 1])
     fig.tight_layout()
     save_figure(fig, path)
 
 
+def plot_toy_run(axes, toy, control, crossing, half_learned):
+    """toy.png's left column: group and total losses, sharpness against the x_0-column curvature and the
+    control, and the odd and even parts of the network's use of x_0, with the crossing and the half-learned
+    step marked."""
+    edge, steps = 2 / toy["lr"], np.arange(len(toy["loss"]))
+    # even steps only: in the anti-phase oscillation the groups swap on odd steps, so this separates them
+    axes[0].semilogy(steps[::2], toy["loss_minus"][::2], color="tab:blue", lw=0.6,
+                     label="group x_0 = −α (even steps)")
+    axes[0].semilogy(steps[::2], toy["loss_plus"][::2], color="tab:red", lw=0.6,
+                     label="group x_0 = +α (even steps)")
+    axes[0].semilogy(steps, toy["loss"], color="k", lw=1.2, label="total loss")
+    axes[0].set_title(f"toy ReLU network, α = {toy['alpha']:g}, lr = {toy['lr']:g} "
+                      f"(green: sharpness crosses 2/lr; purple: |x_0| part half learned)", fontsize=10)
+    axes[1].plot(steps, toy["sharpness"], color="k", lw=1, label="sharpness (Lanczos)")
+    axes[1].plot(steps, toy["opposing_curvature"], color="tab:orange", lw=0.8, ls="--",
+                 label="x_0-column curvature λmax(M)")
+    axes[1].plot(steps, control["sharpness"], color="gray", lw=1,
+                 label=f"control α = {control['alpha']:g}: sharpness")
+    axes[1].axhline(edge, color="tab:green", ls=":", label="2/lr")
+    axes[1].set_ylim(0, 1.2 * max(toy["sharpness"].max(), edge))
+    axes[2].plot(steps, toy["odd"], color="tab:brown", lw=0.3,
+                 label="odd part (f(αe_0) − f(−αe_0))/2: linear use of x_0")
+    axes[2].plot(steps, toy["even"], color="tab:purple", lw=1.2,
+                 label="even part (f(αe_0) + f(−αe_0))/2 − f(0): |x_0| use")
+    if toy["loss_name"] == "mse":
+        axes[2].axhline(toy["offset"], color="tab:purple", ls=":", lw=0.8, label="|x_0| target offset")
+    axes[2].set_xlabel("step")
+    for ax in axes:
+        ax.axvline(crossing, color="tab:green", ls=":", lw=1)
+        ax.axvline(half_learned, color="tab:purple", ls=":", lw=1)
+        ax.legend(fontsize=8, loc="upper right")
+    twin = axes[2].twinx()
+    twin.plot(steps, toy["active_both"], color="gray", lw=0.5)
+    twin.set_ylabel("fraction of units active on both signs (gray)", fontsize=8)
+
+
+def plot_toy_zoom(axes, toy, window, moments):
+    """toy.png's right column: the two groups' losses and the pure-x_0 probe over `window` steps of the
+    anti-phase oscillation, and the network's output along x_0 at the steps in `moments`."""
+    axes[0].plot(window, toy["loss_plus"][window], "o-", color="tab:red", ms=3, lw=0.8,
+                 label="group x_0 = +α")
+    axes[0].plot(window, toy["loss_minus"][window], "o-", color="tab:blue", ms=3, lw=0.8,
+                 label="group x_0 = −α")
+    axes[0].plot(window, toy["loss"][window], color="k", lw=1, label="total")
+    axes[0].set_yscale("log")
+    axes[0].set_title("zoom: edge of stability before |x_0| is learned", fontsize=10)
+    plus, minus = (int(np.argmin(np.abs(toy["grid"] - value))) for value in (toy["alpha"], -toy["alpha"]))
+    axes[1].plot(window, toy["probe_output"][window, plus], "o-", color="tab:red", ms=3, lw=0.8,
+                 label="f(+α e_0)")
+    axes[1].plot(window, toy["probe_output"][window, minus], "o-", color="tab:blue", ms=3, lw=0.8,
+                 label="f(−α e_0)")
+    axes[1].plot(window, toy["odd"][window], "o-", color="tab:brown", ms=3, lw=0.8, label="odd part")
+    axes[1].axhline(0, color="gray", lw=0.5)
+    axes[1].set_xlabel("step")
+    for t, style in zip(moments, ["-", "-", "-", "-", "--", "-", "-"]):
+        t = min(t, len(toy["loss"]) - 1)
+        axes[2].plot(toy["grid"], toy["probe_output"][t], style, lw=1.2, label=f"step {t}")
+    for value in (toy["alpha"], -toy["alpha"]):
+        axes[2].axvline(value, color="gray", lw=0.5, ls=":")
+    axes[2].set(xlabel="x_0 (probe input, all other inputs 0)",
+                ylabel="network output (two classes: f_1 - f_0)")
+    axes[2].set_title("f(x_0 e_0) at a few moments (dashed: the step after the previous one)", fontsize=10)
+    for ax in axes:
+        ax.legend(fontsize=8)
 
 
 def late_fall(sharpness):
