@@ -1,27 +1,20 @@
 """
 osig.py: a small, readable reproduction of "Outliers with Opposing Signals Have an Outsized Effect on Neural Network
 Optimization" (Rosenfeld & Risteski, ICLR 2024). Read it top to bottom: each section uses only what came before it.
-
   1. Sharpness      the objective, measuring without side effects, Hessian-vector products, Lanczos, power iteration.
-  2. Training       one loop for gradient descent and minibatch optimizers with one measurement hook; the edge of
-                    stability.
+  2. Training       one loop for GD and minibatch optimizers with one measurement hook; the edge of stability.
   3. Outliers       per-example losses, gradients and curvatures; the examples one GD step moves most, split into
                     opposing groups, against null groups that pass the same selection; one null test for all.
   4. Features       what the groups share: the sky rule, planted skies, recolouring, uniform probes, characters.
   5. Linear model   a two-layer linear network with an opposing feature: its sharpness in closed form.
   6. Toy network    a small ReLU network on a rare, large input: the mechanism end to end.
   7. Adam and SGD   preconditioned sharpness, split-update SGD, opposing groups under minibatch noise.
-  Appendix A        the larger models: MLP, small CNN, VGG-11, ResNet-18, ViT and a character GPT.
-  Appendix B        the data: CIFAR-10, tiny Shakespeare, downloads and safe reading.
-
-Conventions. A `loss_fn` maps (outputs [B, C], labels [B]) to per-example losses [B]; the objective is their mean.
-For a language model outputs are [B, T, C] and labels [B, T]: each (sequence, position) is one example, and
-per-example arrays are flat over B·T (example i·T + t is position t of sequence i). Flat parameter vectors
-concatenate [p.reshape(-1) for p in model.parameters() if p.requires_grad] in module order. Every measurement is of
-the deterministic objective: dropout is off while measuring (`preserved`).
-
-Paste promise: every public function works when pasted into another project with the imports below and the helpers
-its docstring names after "Needs" (and theirs).
+  Appendices        A: the larger models (MLP, CNN, VGG-11, ResNet-18, ViT, GPT); B: the data files.
+A `loss_fn` maps (outputs [B, C], labels [B]) to per-example losses [B]; the objective is their mean. For a language
+model outputs are [B, T, C] and labels [B, T], each (sequence, position) is one example, and per-example arrays are
+flat over B·T. Flat parameter vectors follow model.parameters() (trainable ones) in order. Measurements are of the
+deterministic objective (dropout off, `preserved`). Every public function works when pasted elsewhere with the imports
+below and the helpers its docstring names after "Needs" (and theirs).
 """
 
 import codecs
@@ -55,8 +48,7 @@ def mse_loss(outputs, labels):
     return 0.5 * (outputs - one_hot).pow(2).sum(-1)
 
 def cross_entropy_loss(outputs, labels):
-    """Per-example cross-entropy −log softmax(outputs[i])[labels[i]]: [B, C], [B] -> [B]; [B, T, C], [B, T] -> [B, T].
-    """
+    """Per-example cross-entropy −log softmax(outputs[i])[labels[i]]: [B, C], [B] -> [B]; [B, T, C] -> [B, T]."""
     if outputs.shape[:-1] != labels.shape or torch.is_floating_point(labels):
         raise ValueError(f"cross_entropy_loss: outputs {tuple(outputs.shape)} need integer class labels of shape "
                          f"{tuple(outputs.shape[:-1])}, got {labels.dtype} {tuple(labels.shape)}")
@@ -133,7 +125,6 @@ def hessian_operator(model, loss_fn, x, y, chunk=None):
     params = [p for p in model.parameters() if p.requires_grad]
     n, chunk = len(x), chunk or len(x)
     check_examples(x, y)
-
     def gradient(start):
         outputs = model(x[start:start + chunk])
         losses = loss_fn(outputs, y[start:start + chunk])
@@ -141,10 +132,8 @@ def hessian_operator(model, loss_fn, x, y, chunk=None):
             check_examples(x, y, outputs, losses)
         return torch.autograd.grad(losses.sum() / (n * losses[0].numel()), params, create_graph=True,
                                    materialize_grads=True)
-
     def flat(parts):
         return torch.cat([part.reshape(-1) for part in parts])
-
     if chunk >= n:
         grads = gradient(0)
         return lambda v: flat(torch.autograd.grad(grads, params, unflatten(v, params), retain_graph=True,
@@ -172,10 +161,8 @@ def lanczos(matvec, dim, k=1, iters=100, tol=1e-6, seed=0, v0=None, dtype=torch.
         raise ValueError(f"lanczos: k={k} eigenpairs of a {dim}-dimensional operator: need 1 <= k <= dim")
     iters = min(max(iters, k), dim)
     generator = torch.Generator().manual_seed(seed)
-
     def random_vector():
         return torch.randn(dim, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
-
     if v0 is None:
         q = random_vector()
     else:
@@ -422,11 +409,9 @@ def per_example_grads(model, loss_fn, x, y, chunk=256, positions=None):
                          f"for each row's summed losses")
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
-
     def example_loss(params, xi, yi, ti):
         losses = loss_fn(functional_call(model, (params, buffers), (xi.unsqueeze(0),)), yi.unsqueeze(0)).reshape(-1)
         return (losses * ((torch.arange(len(losses), device=losses.device) == ti) | (ti < 0))).sum()   # −1: the row
-
     grad_per_example, positions = vmap(grad(example_loss), in_dims=(None, 0, 0, 0)), positions.to(x.device)
     sizes, first = [p.numel() for p in params.values()], next(iter(params.values()))
     result = torch.empty(len(x), sum(sizes), dtype=first.dtype, device=first.device)
@@ -608,7 +593,6 @@ def sharpness_measure(loss_fn, x, y, every=20, k=1, chunk=None, iters=100, tol=1
     GD at step size lr) also the step's `outlier_analysis`. A non-finite sharpness raises FloatingPointError
     (divergence). Needs `top_eigenvalues`, `layer_shares`, `outlier_analysis`."""
     warm = {}
-
     def measure(step, model, optimizer):
         if step % every:
             return None
@@ -626,7 +610,6 @@ def sharpness_measure(loss_fn, x, y, every=20, k=1, chunk=None, iters=100, tol=1
         if top:
             record.update(outlier_analysis(model, loss_fn, x, y, lr, vectors, top, draws, seed=step, chunk=chunk or 1024))
         return record
-
     return measure
 
 def loss_spikes(loss, window=20, factor=1.1):
@@ -793,9 +776,8 @@ def intervention_endpoints(history, lr, pair, window=50, rate_steps=100):
 
 # ----------------------------------------------------------------------------- 4. Features the groups share
 #
-# The sky: one documented pixel rule defines the groups, so that they come from the images, not from the network.
-# Synthetic images plant the same feature where we control it. Probes are uniform images: how the network's output
-# on a flat sky-coloured image moves tells how it uses the colour itself.
+# A pixel rule defines the sky groups (they come from the images, not the network); synthetic images plant the feature
+# where we control it; uniform probes show how the network uses the colour itself.
 
 def sky_pixels(images):
     """The sky rule per pixel, blue-dominant and not dark: B > R + 10, B >= G and B > 80 (0..255). images uint8 [N, H,
@@ -970,13 +952,11 @@ def make_opposing_signal_data(n_pairs=200, n_plain=800, alpha=7.0, scales=(1.0, 
     generator = torch.Generator().manual_seed(seed)
     scales = torch.as_tensor(scales, dtype=torch.float64)
     beta = torch.ones(len(scales), dtype=torch.float64) if beta is None else torch.as_tensor(beta, dtype=torch.float64)
-
     def whitened(n):
         z = torch.randn(n, len(scales), generator=generator, dtype=torch.float64)
         z = z - z.mean(0)
         cholesky = torch.linalg.cholesky(z.T @ z / n)
         return torch.linalg.solve_triangular(cholesky, z.T, upper=False).T * scales
-
     signal_features, plain_features = whitened(n_pairs), whitened(n_plain)
     genuine = torch.cat([signal_features, signal_features, plain_features])
     sign = torch.cat([torch.ones(n_pairs), -torch.ones(n_pairs), torch.zeros(n_plain)]).to(torch.int64)
@@ -1164,10 +1144,9 @@ def late_fall(sharpness):
 
 # ----------------------------------------------------------------------------- 7. Adam versus SGD
 #
-# Adam divides each coordinate's step by the running RMS of its gradient; SGD does not. What an optimizer "sees" as
-# sharpness is then the top eigenvalue of P^-1/2 H P^-1/2, P its diagonal preconditioner, to be compared with its
-# own `stability_threshold`. Opposing signals make large, sign-flipping gradients in a few parameters; SplitSGD (OUR
-# RECONSTRUCTION of the paper's proposal) gives Adam's step only to those.
+# Adam divides each coordinate's step by its running gradient RMS, so it sees the sharpness of P^-1/2 H P^-1/2 (P its
+# preconditioner) against its own `stability_threshold`. SplitSGD (OUR RECONSTRUCTION) gives Adam's step only to the
+# few coordinates with large, sign-flipping gradients that opposing signals make.
 
 def adam_denominator(exp_avg_sq, step, beta2, eps):
     """Adam's per-coordinate divisor sqrt(v̂) + ε, v̂ = v / (1 − β2^t) after t steps, in torch.optim.Adam's operation
@@ -1263,10 +1242,8 @@ def opposing_group_oscillation(per_example_loss, top=40, window=30, start=0, str
     the mean of its two; r = start, start + stride, ... Returns record, amplitude, amplitude_matched, relative [S],
     median_relative (nan when S = 0). Needs `matched_examples`."""
     losses, rows = np.asarray(per_example_loss, dtype=np.float64), []
-
     def amplitude(span, members, up):
         return np.mean([np.abs(np.diff(span[:, members[side]].mean(1))).mean() for side in (up, ~up)])
-
     for r in range(start, len(losses) - window - 2, stride or window):
         change = losses[r + 1] - losses[r]
         chosen = np.argsort(-np.abs(change))[:top]

@@ -634,7 +634,8 @@ def panels(path, title, rows):
         if threshold:
             ax.axhline(threshold, ls="--", color="k", lw=0.8, label=f"2/lr = {threshold:.3g}")
         ax.set(ylabel=ylabel, yscale="log" if log else "linear")
-        ax.legend(fontsize=6)
+        if any(label for _, _, label in lines) or threshold:
+            ax.legend(fontsize=6)
     axes[0, 0].set_title(title, fontsize=9)
     axes[-1, 0].set_xlabel("step")
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
@@ -703,7 +704,8 @@ def strict_json(value):
 
 def text(value):
     """Untrusted text for the markdown report: HTML-escaped, one line, no table pipes, no link schemes."""
-    return html.escape(str(value)).replace("|", "\\|").replace("\n", " ").replace("javascript:", "javascript&#58;")
+    return html.escape(str(value), quote=False).replace("|", "\\|").replace("\n", " ").replace("javascript:",
+                                                                                              "javascript&#58;")
 
 def fmt(value):
     return "nan" if value is None or not math.isfinite(value) else f"{value:.4g}"
@@ -715,7 +717,7 @@ def write_report(out, results, profile, device):
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     lines = ["# osig: measured reproduction report", "", f"Profile `{profile}` on `{device}`, torch {torch.__version__}; "
              f"claims judged under commit `{commit}`, {time.strftime('%Y-%m-%d %H:%M')}.", "", SOURCES, "",
-             "| experiment | status | claims met | seconds |", "|---|---|---|---|"]
+             "| experiment | status | claims met | seconds to compute |", "|---|---|---|---|"]
     for name, result in results.items():
         claims = [v for v in result.get("verdicts", []) if counted(v)]
         lines.append(f"| [{name}](#{name}) | {text(result['status'])} | {sum(v['met'] for v in claims)}/{len(claims)} | "
@@ -731,6 +733,9 @@ def write_report(out, results, profile, device):
             lines += ["", f"{title}:", "", "| claim | value | per seed | target | source | met |", "|---|---|---|---|---|---|"]
             lines += [f"| {text(v['claim'])} | {fmt(v['value'])} | {', '.join(map(fmt, v['per_seed']))} | {text(v['target'])} "
                       f"| {text(v['source'])} | {'' if v['met'] is None else 'yes' if v['met'] else '**no**'} |" for v in rows]
+        for title, header, rows in result.get("tables", []):
+            lines += ["", f"{text(title)}:", "", "| " + " | ".join(map(text, header)) + " |", "|---" * len(header) + "|"]
+            lines += ["| " + " | ".join(text(c) for c in row) + " |" for row in rows]
         lines += [""] + [f"- {text(note)}" for note in result.get("notes", [])]
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
@@ -776,6 +781,26 @@ def load_saved(path, key, config=None):
         print(f"  warning: {path} is unreadable or damaged ({type(error).__name__}); it will be recomputed")
         return None
 
+def intervention_tables(records):
+    """Per endpoint, a table of every variant against its control: per-seed values, the paired differences and their
+    95% t-interval (`osig.t_interval`); the crossing's relative delay is the primary endpoint."""
+    pairs = [(v, c) for v, c in (("recolour sky", "recolour control"), ("paste sky", "paste grey"), ("remove random 5%",
+             "as is")) if v in records[0]["variants"]] + [(v, v.replace("top", "matched")) for v in records[0][
+             "variants"] if v.startswith("remove top")]
+    tables = []
+    for endpoint in ("crossing", "rate", "antiphase", "spikes"):
+        rows = []
+        for variant, control in pairs:
+            values = [dict(zip(r["variants"], np.nan_to_num(r[endpoint], nan=r["steps"]) if endpoint == "crossing" else
+                                r[endpoint])) for r in records]
+            difference = [(v[variant] - v[control]) / (v[control] if endpoint == "crossing" else 1) for v in values]
+            mean, low, high = osig.t_interval(difference)
+            rows.append([f"{variant} vs {control}", ", ".join(fmt(v[variant]) for v in values),
+                         ", ".join(fmt(d) for d in difference), f"{fmt(mean)} ({fmt(low)}..{fmt(high)})"])
+        tables.append((f"{endpoint}" + (" (relative delay; never crossing counts as the last step)" if endpoint ==
+                       "crossing" else ""), ["variant vs control", "per seed", "paired difference", "mean (95% t)"], rows))
+    return tables
+
 RUNS = {"LinearConfig": run_linear, "ToyConfig": run_toy, "GDConfig": run_gd, "DoseConfig": run_dose,
         "InterventionsConfig": run_interventions, "OptimizersConfig": run_optimizers}
 
@@ -783,7 +808,7 @@ def run_experiment(name, cfg, args, hint):
     """One experiment: each seed's record reused when saved with the same key, else computed and saved at once (an
     interruption loses at most one seed); then its claims and figures. Missing data skips it; any other error,
     a folder it cannot write included, fails it alone. Returns its result, also saved as result.json."""
-    out, key, config, began = Path(args.out) / name, record_key(cfg, args.device), json.dumps(dataclasses.asdict(cfg)), time.time()
+    out, key, config = Path(args.out) / name, record_key(cfg, args.device), json.dumps(dataclasses.asdict(cfg))
     result, records = {"title": " ".join(type(cfg).__doc__.split()), "key": key, "status": "done", "notes": []}, []
     try:
         atomic_write(out / ".write-test", lambda tmp: None)
@@ -792,6 +817,7 @@ def run_experiment(name, cfg, args, hint):
             if args.force or load_saved(path, key, config) is None:
                 print(f"\n=== {name}, seed {seed} ({len(records) + 1}/{len(cfg.seeds)})\n{cfg}")
                 torch.set_num_threads(1 if isinstance(cfg, (LinearConfig, ToyConfig)) else threads)  # tiny float64 runs
+                began = time.time()
                 try:
                     with np.errstate(all="ignore"), warnings.catch_warnings():
                         warnings.simplefilter("ignore", RuntimeWarning)
@@ -799,6 +825,8 @@ def run_experiment(name, cfg, args, hint):
                                       eos_by=getattr(cfg, "eos_by", 0), _key=np.str_(key), _config=np.str_(config))
                 finally:
                     torch.set_num_threads(threads)
+                record["_seconds"] = time.time() - began
+
                 def save(tmp):
                     with open(tmp, "wb") as f:
                         np.savez_compressed(f, **record)
@@ -807,18 +835,19 @@ def run_experiment(name, cfg, args, hint):
                 print(f"reusing {name} seed {seed}: saved with the same config and code (--force recomputes it)")
             records.append(load_saved(path, key, config))
         result.update(verdicts=judge(cfg, records), figures=figures(cfg, records[0], out), notes=[
-            f"seed {s}: {r['diverged']}" for s, r in zip(cfg.seeds, records) if str(r.get("diverged", ""))])
+            f"seed {s}: {r['diverged']}" for s, r in zip(cfg.seeds, records) if str(r.get("diverged", ""))],
+                      tables=intervention_tables(records) if isinstance(cfg, InterventionsConfig) else [])
     except osig.DataError as error:
         result.update(status="skipped", reason=f"{error} (then: {hint} --only {name})")
     except Exception as error:                 # one broken experiment must not lose the others
         traceback.print_exc()
         result.update(status="failed", reason=f"{type(error).__name__}: {error} (rerun: {hint} --only {name})")
-    result["seconds"] = time.time() - began
+    result["seconds"] = sum(float(r.get("_seconds", math.nan)) for r in records)      # computing, not reusing
     try:
         atomic_write(out / "result.json", lambda tmp: Path(tmp).write_text(strict_json(result)))
     except OSError as error:
         result.update(status="failed", reason=f"cannot write to {out} ({error.strerror}): make it writable or pass --out")
-    print(f"  {name}: {result['status']} in {result['seconds']:.0f} s {result.get('reason', '')}")
+    print(f"  {name}: {result['status']}, {result['seconds']:.0f} s of computing {result.get('reason', '')}")
     return result
 
 def preflight(name, cfg, device, n=16, steps=100, log=print):
@@ -886,9 +915,13 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.claims:
-        print("| experiments | claim | target | source |\n|---|---|---|---|\n" + "\n".join(
-            f"| {c.kind} | {c.claim} | {c.target} | {c.source} |" for c in CLAIMS if c.target))
+    if args.claims:                           # with the values judged in --out, where there are any
+        judged = {name: load_saved(Path(args.out) / name / "result.json", record_key(cfg, args.device)) or {}
+                  for name, cfg in PROFILES[args.profile].items()}
+        print("| claim | target | source | measured (met: ✓) |\n|---|---|---|---|\n" + "\n".join(
+            f"| {text(c.claim)} | {c.target} | {c.source} | " + ", ".join(
+                f"{name} {fmt(v['value'])}{' ✓' if v['met'] else ''}" for name, result in judged.items()
+                for v in result.get("verdicts", []) if v["claim"] == c.claim) + " |" for c in CLAIMS if c.target))
         return 0
     configs = {name: dataclasses.replace(cfg, **({"data": args.data} if getattr(cfg, "data", "") in ("cifar10", "planted")
                                                   else {}), **({"seeds": (args.seed,)} if args.seed is not None else {}))
