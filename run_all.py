@@ -11,21 +11,8 @@ dict of arrays, saved as soon as its seed finishes); the claims, one row each, j
 command line. This file says what to run and what the paper claims; osig.py says how to measure.
 """
 
-import argparse
-import ast
-import dataclasses
-import fcntl
-import hashlib
-import html
-import json
-import math
-import os
-import subprocess
-import sys
-import tempfile
-import time
-import traceback
-import warnings
+import argparse, ast, dataclasses, fcntl, functools, hashlib, html, json, math, os, subprocess, sys, tempfile, time
+import traceback, warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +26,7 @@ import osig
 
 # ----------------------------------------------------------------------------- configs and profiles
 
-@dataclass
+@dataclass(frozen=True)
 class LinearConfig:
     """Two-layer linear model bᵀAx on data with a rare opposing feature: gradient descent at a large lr (enters the
     edge of stability), a small lr (sharpens and stays) and a control α at the genuine features' scale."""
@@ -57,7 +44,7 @@ class LinearConfig:
     small_steps: int = 4000
     seeds: tuple = (0,)
 
-@dataclass
+@dataclass(frozen=True)
 class ToyConfig:
     """A one-hidden-layer ReLU network on the same data (target offset on |x_0|) at one lr, with the same run at a
     small control α; "ce" classifies the target's sign with two-class cross-entropy."""
@@ -76,7 +63,7 @@ class ToyConfig:
     steps: int = 3000
     seeds: tuple = (0,)
 
-@dataclass
+@dataclass(frozen=True)
 class GDConfig:
     """Full-batch gradient descent on a fixed training set, the sharpness and the step's outliers measured every
     eig_every steps: the edge of stability, heavy tails, opposing groups against selection-matched nulls, the features
@@ -100,7 +87,7 @@ class GDConfig:
     eos_by: int = 800               # setting check: the crossing of 2/lr by this step
     seeds: tuple = (0,)
 
-@dataclass
+@dataclass(frozen=True)
 class DoseConfig:
     """Full-batch GD on planted images over a grid of planted strength and fraction: where a planted opposing signal
     drives progressive sharpening and the edge of stability."""
@@ -115,7 +102,7 @@ class DoseConfig:
     window: int = 60                # sharpening rate over steps 0..window, the same for every cell
     seeds: tuple = (0, 1, 2)
 
-@dataclass
+@dataclass(frozen=True)
 class InterventionsConfig:
     """Causal tests on CIFAR-10, paired by seed (same subset and initialization): recolour the sky of every sky image
     or, as the control, the top quarter of as many random images; paste a sky or a grey top on non-sky airplanes,
@@ -131,7 +118,7 @@ class InterventionsConfig:
     n_probe: int = 200              # non-airplane test images pasted with each top
     seeds: tuple = (0, 1, 2, 3, 4)
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizersConfig:
     """SGD with momentum, Adam and split-update SGD, each at its best step size of a grid with the same budget (per
     seed): the opposing groups' oscillation against loss-matched controls, and where the top eigenvector lives."""
@@ -615,18 +602,50 @@ def judge(cfg, records, log=print):
             "<=": combined <= float(bound), ">=": combined >= float(bound), "<": combined < float(bound),
             ">": combined > float(bound), "==": combined == float(bound)}[operator])
         verdicts.append(dict(claim=row.claim, target=row.target, source=row.source, value=combined, per_seed=per_seed,
-                             met=met))
-        log(f"  {'claim' if counted(verdicts[-1]) else row.source:>13} | {row.claim[:90]}: {combined:.4g}"
+                             met=met, counted=met is not None and row.source not in (SETTING, DIAGNOSTIC)))
+        log(f"  {'claim' if verdicts[-1]['counted'] else row.source:>13} | {row.claim[:90]}: {combined:.4g}"
             + (f" (target {row.target}) -> {'met' if met else 'NOT met'}" if row.target else ""))
     return verdicts
 
-def counted(verdict):
-    return verdict["met"] is not None and verdict["source"] not in ("setting check", "diagnostic")
-
 # ----------------------------------------------------------------------------- figures, report, command line
 
-def panels(path, title, rows):
-    """Stacked line panels on one step axis; rows: (ylabel, [(x, y, label)], threshold (dashed: 2/lr) or None, log)."""
+def figures(cfg, r, out):
+    """The experiment's figure, from its first seed's record: stacked line panels on one step axis, each row (ylabel,
+    [(x, y, label)], threshold (dashed: 2/lr) or None, log scale); returns its file name in a list."""
+    kind, edge = (KINDS.get(type(cfg).__name__) or ("images",))[0], 2 / getattr(cfg, "lr", getattr(cfg, "large_lr", 1))
+    if kind in ("linear", "toy"):
+        run = "large" if kind == "linear" else "toy"
+        t = np.arange(len(r[f"{run}_loss"]))
+        name, title, rows = f"{kind}.png", f"{kind} (α = {getattr(cfg, 'alpha')}, lr = {2 / edge:g})", [
+            ("loss", [(t[::2], r[f"{run}_loss_plus"][::2], "group +α (even steps)"), (t[::2], r[f"{run}_loss_minus"][
+                ::2], "group −α (even steps)"), (t, r[f"{run}_loss"], "total")], None, True),
+            ("sharpness", [(t, r[f"{run}_sharpness"], "Lanczos"), (t, r.get("large_prediction", r.get(
+                "toy_opposing_curvature")), "the theory's curvature"), (np.arange(len(r["control_sharpness"])), r[
+                    "control_sharpness"], "control α")], edge, False),
+            ("use of the feature", [(t, r.get("large_opposing_weight", r.get("toy_odd")), "odd part / opposing weight")],
+             None, False)]
+    elif kind == "dose":
+        name, title, rows = "dose.png", "planted dose: sharpness per cell (strength, fraction)", [
+            ("sharpness", [(r["steps"], r["sharpness"][i, j], f"({s:g}, {f:g})") for i, s in enumerate(cfg.strengths)
+                           for j, f in enumerate(cfg.fractions)], edge, False)]
+    elif kind == "interventions":
+        name, title, rows = "interventions.png", "interventions, first seed", [
+            ("sharpness", [(np.flatnonzero(np.isfinite(c)), c[np.isfinite(c)], v) for v, c in zip(r["variants"], r[
+                "curves"])], edge, False),
+            ("p(airplane): pasted − original", [(np.arange(len(r["shift"])), r["shift"][:, j], p) for j, p in
+                                                 enumerate(("sky", "grey", "green", "orthogonal"))], None, False)]
+    elif kind == "optimizers":
+        name, title, rows = "optimizers.png", "the best run of each optimizer, first seed", [
+            ("mean training loss", [(np.arange(len(r[f"{o}_curve"])), r[f"{o}_curve"], o) for o in ("sgd", "adam",
+                                                                                                  "split")], None, True)]
+    else:
+        e = r["eig_step"]
+        name, title, rows = "eos.png", f"{cfg.model}, {cfg.loss}, n = {cfg.n}, lr = {cfg.lr}", [
+            ("train loss", [(np.arange(len(r["loss"])), r["loss"], "")], None, True),
+            ("sharpness", [(e, r["eigenvalues"][:, 0], "top eigenvalue"), (e, r["midpoint"], "at the step's midpoint")],
+             edge, False),
+            ("share of vᵀHv", [(e, r["top1_share"], "top 1% of examples"), (e, r["outlier_share"], "the outliers")],
+             None, False)]
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 2.1 * len(rows) + 0.5), sharex=True, squeeze=False)
     for ax, (ylabel, lines, threshold, log) in zip(axes[:, 0], rows):
         for x, y, label in lines:
@@ -638,45 +657,9 @@ def panels(path, title, rows):
             ax.legend(fontsize=6)
     axes[0, 0].set_title(title, fontsize=9)
     axes[-1, 0].set_xlabel("step")
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    atomic_write(out / name, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
-    return path.name
-
-def figures(cfg, r, out):
-    """The experiment's figures, from its first seed's record; returns their file names."""
-    kind, edge = (KINDS.get(type(cfg).__name__) or ("images",))[0], 2 / getattr(cfg, "lr", getattr(cfg, "large_lr", 1))
-    if kind in ("linear", "toy"):
-        run = "large" if kind == "linear" else "toy"
-        t = np.arange(len(r[f"{run}_loss"]))
-        return [panels(out / f"{kind}.png", f"{kind} (α = {getattr(cfg, 'alpha')}, lr = {2 / edge:g})", [
-            ("loss", [(t[::2], r[f"{run}_loss_plus"][::2], "group +α (even steps)"), (t[::2], r[f"{run}_loss_minus"][
-                ::2], "group −α (even steps)"), (t, r[f"{run}_loss"], "total")], None, True),
-            ("sharpness", [(t, r[f"{run}_sharpness"], "Lanczos"), (t, r.get("large_prediction", r.get(
-                "toy_opposing_curvature")), "the theory's curvature"), (np.arange(len(r["control_sharpness"])), r[
-                    "control_sharpness"], "control α")], edge, False),
-            ("use of the feature", [(t, r.get("large_opposing_weight", r.get("toy_odd")), "odd part / opposing weight")],
-             None, False)])]
-    if kind == "dose":
-        return [panels(out / "dose.png", "planted dose: sharpness per cell (strength, fraction)", [
-            ("sharpness", [(r["steps"], r["sharpness"][i, j], f"({s:g}, {f:g})") for i, s in enumerate(cfg.strengths)
-                           for j, f in enumerate(cfg.fractions)], edge, False)])]
-    if kind == "interventions":
-        return [panels(out / "interventions.png", "interventions, first seed", [
-            ("sharpness", [(np.flatnonzero(np.isfinite(c)), c[np.isfinite(c)], v) for v, c in zip(r["variants"], r[
-                "curves"])], edge, False),
-            ("p(airplane): pasted − original", [(np.arange(len(r["shift"])), r["shift"][:, j], p) for j, p in
-                                                 enumerate(("sky", "grey", "green", "orthogonal"))], None, False)])]
-    if kind == "optimizers":
-        return [panels(out / "optimizers.png", "the best run of each optimizer, first seed", [
-            ("mean training loss", [(np.arange(len(r[f"{o}_curve"])), r[f"{o}_curve"], o) for o in ("sgd", "adam",
-                                                                                                  "split")], None, True)])]
-    e = r["eig_step"]
-    return [panels(out / "eos.png", f"{cfg.model}, {cfg.loss}, n = {cfg.n}, lr = {cfg.lr}", [
-        ("train loss", [(np.arange(len(r["loss"])), r["loss"], "")], None, True),
-        ("sharpness", [(e, r["eigenvalues"][:, 0], "top eigenvalue"), (e, r["midpoint"], "at the step's midpoint")],
-         edge, False),
-        ("share of vᵀHv", [(e, r["top1_share"], "top 1% of examples"), (e, r["outlier_share"], "the outliers")], None,
-         False)])]
+    return [name]
 
 def atomic_write(path, write):
     """write(temporary path), fsync, rename onto `path` (mode 0644): readers never see a partial file."""
@@ -692,23 +675,13 @@ def atomic_write(path, write):
     finally:
         Path(tmp).unlink(missing_ok=True)
 
-def strict_json(value):
-    """JSON text with null for nan and infinity (strict JSON has neither)."""
-    def clean(v):
-        if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return (v if math.isfinite(v) else None) if isinstance(v, float) else v.item() if isinstance(v, np.generic) else v
-    return json.dumps(clean(value), indent=1, allow_nan=False)
-
 def text(value):
-    """Untrusted text for the markdown report: HTML-escaped, one line, no table pipes, no link schemes."""
+    """A report cell: a number to 4 significant digits (None: nan); text HTML-escaped, on one line, without table pipes
+    or link schemes (titles, notes and reasons may come from a damaged file)."""
+    if value is None or isinstance(value, (float, int)):
+        return "nan" if value is None or not math.isfinite(value) else f"{value:.4g}"
     return html.escape(str(value), quote=False).replace("|", "\\|").replace("\n", " ").replace("javascript:",
                                                                                               "javascript&#58;")
-
-def fmt(value):
-    return "nan" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 def write_report(out, results, profile, device):
     """report.md: every experiment's status and claims met, then its figures, claims (value, per seed, target, source,
@@ -719,19 +692,19 @@ def write_report(out, results, profile, device):
              f"claims judged under commit `{commit}`, {time.strftime('%Y-%m-%d %H:%M')}.", "", SOURCES, "",
              "| experiment | status | claims met | seconds to compute |", "|---|---|---|---|"]
     for name, result in results.items():
-        claims = [v for v in result.get("verdicts", []) if counted(v)]
+        claims = [v for v in result.get("verdicts", []) if v["counted"]]
         lines.append(f"| [{name}](#{name}) | {text(result['status'])} | {sum(v['met'] for v in claims)}/{len(claims)} | "
-                     f"{result.get('seconds') or 0:.0f} |")
+                     f"{text(result.get('seconds')).replace('nan', 'not recorded')} |")
     for name, result in results.items():
         lines += ["", f"## {name}", "", text(result.get("title", "")), ""]
         if result["status"] != "done":
             lines += [f"**{text(result['status'])}**: {text(result.get('reason', ''))}"]
             continue
         lines += [f"![{f}]({name}/{f})" for f in result["figures"] if f.replace("_", "").replace(".", "").isalnum()]
-        for title, rows in (("Claims", [v for v in result["verdicts"] if counted(v)]), (
-                "Setting checks and diagnostics (not counted)", [v for v in result["verdicts"] if not counted(v)])):
+        for title, rows in (("Claims", [v for v in result["verdicts"] if v["counted"]]), (
+                "Setting checks and diagnostics (not counted)", [v for v in result["verdicts"] if not v["counted"]])):
             lines += ["", f"{title}:", "", "| claim | value | per seed | target | source | met |", "|---|---|---|---|---|---|"]
-            lines += [f"| {text(v['claim'])} | {fmt(v['value'])} | {', '.join(map(fmt, v['per_seed']))} | {text(v['target'])} "
+            lines += [f"| {text(v['claim'])} | {text(v['value'])} | {', '.join(map(text, v['per_seed']))} | {text(v['target'])} "
                       f"| {text(v['source'])} | {'' if v['met'] is None else 'yes' if v['met'] else '**no**'} |" for v in rows]
         for title, header, rows in result.get("tables", []):
             lines += ["", f"{text(title)}:", "", "| " + " | ".join(map(text, header)) + " |", "|---" * len(header) + "|"]
@@ -744,12 +717,13 @@ SOURCES = ("Sources: **paper**, the paper's own claim; **recalled**, remembered 
            "direction from the paper and the size from us. Targets were committed before the runs that judge them. "
            "Setting checks and diagnostics are printed, not counted; a value that cannot be measured is nan, not met.")
 
+@functools.lru_cache(maxsize=None)
 def record_key(cfg, device):
     """What a saved record must have been made with: this config, the measuring code (osig.py and the runs section of
     this file, without docstrings, comments or layout: editing those, a claim or a figure keeps the records), the
     torch version and the device."""
-    def code(text):
-        tree = ast.parse(text)
+    def code(source):
+        tree = ast.parse(source)
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node, clean=False):
                 node.body = node.body[1:]
@@ -772,6 +746,7 @@ def load_saved(path, key, config=None):
         assert saved["status"] in ("done", "skipped", "failed") and all(isinstance(saved.get(k, ""), str) for k in (
             "title", "reason")) and all(isinstance(f, str) for f in saved.get("figures", [])) and all(
             isinstance(v[k], str) for v in saved.get("verdicts", []) for k in ("claim", "target", "source")) and all(
+            isinstance(v["counted"], bool) for v in saved.get("verdicts", [])) and all(
             x is None or isinstance(x, (int, float)) for v in saved.get("verdicts", []) for x in [v["value"]] + v["per_seed"])
         return dict(saved, verdicts=[dict(v, value=math.nan if v["value"] is None else v["value"], per_seed=[
             math.nan if x is None else x for x in v["per_seed"]]) for v in saved.get("verdicts", [])])
@@ -795,8 +770,8 @@ def intervention_tables(records):
                                 r[endpoint])) for r in records]
             difference = [(v[variant] - v[control]) / (v[control] if endpoint == "crossing" else 1) for v in values]
             mean, low, high = osig.t_interval(difference)
-            rows.append([f"{variant} vs {control}", ", ".join(fmt(v[variant]) for v in values),
-                         ", ".join(fmt(d) for d in difference), f"{fmt(mean)} ({fmt(low)}..{fmt(high)})"])
+            rows.append([f"{variant} vs {control}", ", ".join(text(v[variant]) for v in values),
+                         ", ".join(text(d) for d in difference), f"{text(mean)} ({text(low)}..{text(high)})"])
         tables.append((f"{endpoint}" + (" (relative delay; never crossing counts as the last step)" if endpoint ==
                        "crossing" else ""), ["variant vs control", "per seed", "paired difference", "mean (95% t)"], rows))
     return tables
@@ -844,7 +819,8 @@ def run_experiment(name, cfg, args, hint):
         result.update(status="failed", reason=f"{type(error).__name__}: {error} (rerun: {hint} --only {name})")
     result["seconds"] = sum(float(r.get("_seconds", math.nan)) for r in records)      # computing, not reusing
     try:
-        atomic_write(out / "result.json", lambda tmp: Path(tmp).write_text(strict_json(result)))
+        atomic_write(out / "result.json", lambda tmp: Path(tmp).write_text(json.dumps(json.loads(
+            json.dumps(result, default=float), parse_constant=lambda nan: None), indent=1, allow_nan=False)))  # strict
     except OSError as error:
         result.update(status="failed", reason=f"cannot write to {out} ({error.strerror}): make it writable or pass --out")
     print(f"  {name}: {result['status']}, {result['seconds']:.0f} s of computing {result.get('reason', '')}")
@@ -920,7 +896,7 @@ def main(argv=None):
                   for name, cfg in PROFILES[args.profile].items()}
         print("| claim | target | source | measured (met: ✓) |\n|---|---|---|---|\n" + "\n".join(
             f"| {text(c.claim)} | {c.target} | {c.source} | " + ", ".join(
-                f"{name} {fmt(v['value'])}{' ✓' if v['met'] else ''}" for name, result in judged.items()
+                f"{name} {text(v['value'])}{' ✓' if v['met'] else ''}" for name, result in judged.items()
                 for v in result.get("verdicts", []) if v["claim"] == c.claim) + " |" for c in CLAIMS if c.target))
         return 0
     configs = {name: dataclasses.replace(cfg, **({"data": args.data} if getattr(cfg, "data", "") in ("cifar10", "planted")
