@@ -334,8 +334,9 @@ def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, m
         optimizer.step()
         if log and (step % max(1, steps // 10) == 0 or step == steps - 1):
             elapsed = time.time() - start_time
-            log(f"step {step:5d} | loss {loss:.4f} | acc {accuracy:.3f} | {elapsed:6.1f}s, "
-                f"ETA {elapsed / (step + 1) * (steps - step - 1):6.1f}s")
+            first = elapsed if step == 0 else first    # step 0 pays for warm-up and a cold eigensolver: not a rate
+            log(f"step {step:5d} | loss {loss:.4f} | acc {accuracy:.3f} | {elapsed:6.1f}s, " + (
+                f"ETA {(elapsed - first) / step * (steps - step - 1):6.1f}s" if step else "ETA after more steps"))
     result = {key: np.asarray(history[key], dtype=np.float64) for key in ("loss", "accuracy", "grad_norm")}
     result["per_example_loss"] = (torch.stack(history["per_example_loss"]).numpy() if history["per_example_loss"]
                                   else np.zeros((0, n), np.float32))

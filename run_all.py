@@ -801,6 +801,9 @@ def run_experiment(name, cfg, args, hint):
                 finally:
                     torch.set_num_threads(threads)
                 record["_seconds"] = time.time() - began
+                left = len(cfg.seeds) - len(records) - 1             # an ETA from this experiment's own seeds
+                print(f"  {name}, seed {seed}: {record['_seconds']:.0f} s" + (
+                    f"; about {left * record['_seconds']:.0f} s more for its other seeds" if left else ""))
 
                 def save(tmp):
                     with open(tmp, "wb") as f:
@@ -897,7 +900,7 @@ def main(argv=None):
         print("| claim | target | source | measured (met: ✓) |\n|---|---|---|---|\n" + "\n".join(
             f"| {text(c.claim)} | {c.target} | {c.source} | " + ", ".join(
                 f"{name} {text(v['value'])}{' ✓' if v['met'] else ''}" for name, result in judged.items()
-                for v in result.get("verdicts", []) if v["claim"] == c.claim) + " |" for c in CLAIMS if c.target))
+                for v in result.get("verdicts", []) if v["claim"] == c.claim) + " |" for c in CLAIMS if c.target and c.source != SETTING))
         return 0
     configs = {name: dataclasses.replace(cfg, **({"data": args.data} if getattr(cfg, "data", "") in ("cifar10", "planted")
                                                   else {}), **({"seeds": (args.seed,)} if args.seed is not None else {}))
