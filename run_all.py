@@ -145,7 +145,7 @@ class OptimizersConfig:
     seeds: tuple = (0, 1, 2)
 
 GD_IMAGES = GDConfig(seeds=(0, 1, 2))
-PROFILES = {"cpu": {   # a laptop CPU, real CIFAR-10 and tiny Shakespeare: about an hour on 2 cores
+PROFILES = {"cpu": {   # a laptop CPU, real CIFAR-10 and tiny Shakespeare: 72 min on 2 idle cores (sized for 60)
     "linear": LinearConfig(), "toy": ToyConfig(), "toy_ce": ToyConfig(loss="ce", offset=0.75, hidden_bias=0.3, lr=0.2),
     "cifar_mse": GD_IMAGES,
     "cifar_ce": dataclasses.replace(GD_IMAGES, activation="tanh", loss="ce", lr=0.05, steps=700, eig_k=1, eos_by=500),
