@@ -1,20 +1,22 @@
 """
-osig.py: a small, readable reproduction of "Outliers with Opposing Signals Have an Outsized Effect on Neural Network
-Optimization" (Rosenfeld & Risteski, ICLR 2024). Read it top to bottom: each section uses only what came before it.
-  1. Sharpness      the objective, measuring without side effects, Hessian-vector products, Lanczos, power iteration.
-  2. Training       one loop for GD and minibatch optimizers with one measurement hook; the edge of stability.
-  3. Outliers       per-example losses, gradients and curvatures; the examples one GD step moves most, split into
-                    opposing groups, against null groups that pass the same selection; one null test for all.
-  4. Features       what the groups share: the sky rule, planted skies, recolouring, uniform probes, characters.
+osig.py: a small, readable reproduction of "Outliers with Opposing Signals Have an Outsized Effect on Neural
+Network Optimization" (Rosenfeld & Risteski, ICLR 2024). Read it top to bottom: each section uses only what
+came before it.
+  1. Sharpness      the objective, measuring without side effects, Hessian-vector products, Lanczos.
+  2. Training       one loop for GD and minibatch optimizers, one hook; the edge of stability, one time axis.
+  3. Outliers       per-example losses, gradients and curvatures; where the curvature lives; the examples one
+                    GD step moves most, split into opposing groups; what the parameters tell about them.
+  4. Features       what the groups share: the sky rule, planted and swapped backgrounds, colour probes,
+                    characters, and surrogates with the data's class statistics and no shared feature.
   5. Linear model   a two-layer linear network with an opposing feature: its sharpness in closed form.
   6. Toy network    a small ReLU network on a rare, large input: the mechanism end to end.
   7. Adam and SGD   preconditioned sharpness, split-update SGD, opposing groups under minibatch noise.
-  Appendices        A: the larger models (MLP, CNN, VGG-11, ResNet-18, ViT, GPT); B: the data files.
-A `loss_fn` maps (outputs [B, C], labels [B]) to per-example losses [B]; the objective is their mean. For a language
-model outputs are [B, T, C] and labels [B, T], each (sequence, position) is one example, and per-example arrays are
-flat over B·T. Flat parameter vectors follow model.parameters() (trainable ones) in order. Measurements are of the
-deterministic objective (dropout off, `preserved`). Every public function works when pasted elsewhere with the imports
-below and the helpers its docstring names after "Needs" (and theirs).
+  Appendices        A: the larger models. B: the data files. C: scoring the claims (null draws, z, intervals).
+A `loss_fn` maps (outputs [B, C], labels [B]) to per-example losses [B]; the objective is their mean. A
+language model's outputs are [B, T, C] and labels [B, T]: each (sequence, position) is one example, and
+per-example arrays are flat over B·T. Flat parameter vectors follow the trainable parameters in module order.
+Measurements are of the deterministic objective (eval mode: `preserved`). Every public function works pasted
+alone with the imports below and the helpers its docstring names after "Needs" (and theirs).
 """
 
 import codecs
@@ -22,11 +24,11 @@ import hashlib
 import math
 import os
 import pickle
-import sys
+import shutil
 import tarfile
-import tempfile
 import time
 import urllib.request
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,76 +37,77 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------- 1. Sharpness
+# ------------------------------------------------------------ 1. Sharpness
 
 def mse_loss(outputs, labels):
-    """Per-example squared error to one-hot targets, ½ Σ_c (outputs[i, c] − 1[c = labels[i]])², summed (not averaged)
-    over classes as in Cohen et al.: outputs [B, C], integer class labels [B] -> [B]."""
-    if outputs.shape[:-1] != labels.shape or torch.is_floating_point(labels):
-        raise ValueError(f"mse_loss: outputs {tuple(outputs.shape)} need integer class labels of shape "
-                         f"{tuple(outputs.shape[:-1])}, got {labels.dtype} {tuple(labels.shape)}")
+    """Per-example squared error to one-hot targets, ½ Σ_c (outputs[i, c] − 1[c = labels[i]])², summed (not
+    averaged) over classes as in Cohen et al.: outputs [B, C], integer labels [B] -> [B] ([B, T, C], [B, T] ->
+    [B, T])."""
     # a comparison rather than F.one_hot, which checks label values and so cannot run under vmap
-    one_hot = (labels.unsqueeze(-1) == torch.arange(outputs.shape[-1], device=outputs.device)).to(outputs.dtype)
-    return 0.5 * (outputs - one_hot).pow(2).sum(-1)
+    classes = torch.arange(outputs.shape[-1], device=outputs.device)
+    return 0.5 * (outputs - (labels.unsqueeze(-1) == classes).to(outputs.dtype)).pow(2).sum(-1)
 
 def cross_entropy_loss(outputs, labels):
-    """Per-example cross-entropy −log softmax(outputs[i])[labels[i]]: [B, C], [B] -> [B]; [B, T, C] -> [B, T]."""
-    if outputs.shape[:-1] != labels.shape or torch.is_floating_point(labels):
-        raise ValueError(f"cross_entropy_loss: outputs {tuple(outputs.shape)} need integer class labels of shape "
-                         f"{tuple(outputs.shape[:-1])}, got {labels.dtype} {tuple(labels.shape)}")
-    return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), labels.reshape(-1), reduction="none").view(labels.shape)
+    """Per-example cross-entropy −log softmax(outputs[i])[labels[i]]: [B, C], [B] -> [B]; [B, T, C], [B, T] ->
+    [B, T]."""
+    return F.cross_entropy(outputs.flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
 
-def check_examples(x, y, outputs=None, losses=None):
-    """Raise ValueError, naming what to pass, unless x and y hold the same N >= 1 examples, `losses` (of the first
-    examples' `outputs`) has one entry per label (an averaging loss_fn would make N examples one), and class scores (C >
-    1 outputs) come with integer labels in 0..C−1 (MSE would make others all-zero targets)."""
+def trainable(model):
+    """The parameters a measurement differentiates (requires_grad, in module order); a ValueError naming the
+    fix when there are none or autograd is off."""
+    if torch.is_inference_mode_enabled():
+        raise ValueError("osig needs autograd, which torch.inference_mode() turns off: call it outside")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True: nothing to differentiate")
+    return params
+
+def checked_forward(model, loss_fn, x, y):
+    """outputs = model(x) and per-example losses = loss_fn(outputs, y), after the checks a wrong call would
+    otherwise pass silently: one label per example; integer labels in 0..C−1 for C > 1 class scores (MSE would
+    make any other label an all-zero target); one loss per label (an averaging loss_fn would make N examples
+    one)."""
     if len(x) == 0 or len(x) != len(y):
         raise ValueError(f"x has {len(x)} examples and y {len(y)}: pass one label per example (N >= 1)")
-    if losses is not None and (losses.dim() == 0 or losses.shape != y[:losses.shape[0]].shape):
-        raise ValueError(f"loss_fn returned shape {tuple(losses.shape)} for {len(outputs)} examples: it must return "
-                         f"one loss per example, not their mean (e.g. F.cross_entropy(outputs, labels, reduction='none'))")
-    if outputs is not None and outputs.shape[-1] > 1:
-        if torch.is_floating_point(y):
-            raise ValueError(f"labels are {y.dtype} but the model outputs {outputs.shape[-1]} class scores: pass integer "
-                             f"class indices 0..{outputs.shape[-1] - 1} (for regression, one output)")
-        if int(y.min()) < 0 or int(y.max()) >= outputs.shape[-1]:
-            raise ValueError(f"labels range over {int(y.min())}..{int(y.max())} but the model has {outputs.shape[-1]} "
-                             f"outputs: labels must be class indices 0..{outputs.shape[-1] - 1}")
+    outputs = model(x)
+    classes = outputs.shape[-1]
+    if classes > 1 and (torch.is_floating_point(y) or int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ValueError(f"labels must be integer class indices 0..{classes - 1} for {classes} outputs, got "
+                         f"{y.dtype} in {float(y.min()):g}..{float(y.max()):g} (for regression: one output)")
+    losses = loss_fn(outputs, y)
+    if losses.shape != y.shape:
+        raise ValueError(f"loss_fn returned shape {tuple(losses.shape)} for labels {tuple(y.shape)}: it must "
+                         f"return one loss per example (e.g. F.cross_entropy(..., reduction='none'))")
+    return outputs, losses
 
 @contextmanager
 def preserved(model):
-    """Measure without side effects: inside, gradients on and dropout off (the deterministic objective; batch norm keeps
-    its mode); on exit every module's own train flag, every buffer and the CPU and CUDA random states are restored, so
-    measuring changes nothing in training."""
-    modes, buffers = [(m, m.training) for m in model.modules()], [b.detach().clone() for b in model.buffers()]
+    """Measure without side effects: inside, the model is in eval mode (dropout off, batch norm on its running
+    statistics: the deterministic objective) with gradients on; on exit every module's train flag and the CPU
+    and CUDA random states are restored, so a measurement changes nothing in training."""
+    modes = [(module, module.training) for module in model.modules()]
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cuda else None)
-    for module in model.modules():
-        if isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                               nn.FeatureAlphaDropout)):
-            module.training = False
+    states = torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
+    model.eval()
     try:
-        with torch.enable_grad():              # a measurement needs gradients even when called under no_grad
+        with torch.enable_grad():
             yield model
     finally:
-        with torch.no_grad():
-            for buffer, value in zip(model.buffers(), buffers):
-                buffer.copy_(value)
         for module, training in modes:
             module.training = training
-        torch.set_rng_state(rng[0])
+        torch.set_rng_state(states[0])
         if cuda:
-            torch.cuda.set_rng_state_all(rng[1])
+            torch.cuda.set_rng_state_all(states[1])
 
 def unflatten(vector, params):
-    """Split a flat vector [sum of sizes] into tensors shaped like `params` (views, module order)."""
+    """Split a flat vector [sum of sizes] into tensors shaped like `params` (views, in order)."""
     return [part.view_as(p) for part, p in zip(torch.split(vector, [p.numel() for p in params]), params)]
 
 @contextmanager
 def shifted(model, vector):
-    """The trainable parameters moved to θ + vector (flat [P]) inside, restored exactly on exit: a trial
-    gradient-descent step is shifted(model, −lr·g). Needs `unflatten`."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The trainable parameters moved to θ + vector (flat [P]) inside, restored exactly on exit: a trial step
+    of gradient descent is shifted(model, −lr·g). Needs `trainable`, `unflatten`."""
+    params = trainable(model)
     saved = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, step in zip(params, unflatten(vector.to(params[0].dtype), params)):
@@ -117,29 +120,27 @@ def shifted(model, vector):
                 p.copy_(value)
 
 def hessian_operator(model, loss_fn, x, y, chunk=None):
-    """The Hessian H of the mean loss L = (1/N) Σ_i ℓ_i over (x, y) as a function v [P] -> H v [P]. In one chunk (chunk
-    None or >= len(x)) the gradient graph g = ∇L is built once and each product is one backward pass of <g, v>;
-    otherwise every chunk adds d/dθ <∇(Σ_chunk ℓ_i / N), v> (a forward, a backward and a double backward each), exactly
-    H v when examples do not interact. N counts every example (B·T for a language model); batch norm in train mode
-    normalizes each chunk by itself. Use inside `preserved`. Needs `check_examples`, `unflatten`."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    n, chunk = len(x), chunk or len(x)
-    check_examples(x, y)
+    """The Hessian H of the mean loss L = (1/N) Σ_i ℓ_i over (x, y) as a function v [P] -> H v [P]; use it
+    inside `preserved`. In one chunk the gradient graph g = ∇L is built once and each product is one backward
+    pass of <g, v>; in chunks of rows each product adds d/dθ <∇(Σ_chunk ℓ_i)/N, v> (a forward, a backward and
+    a double backward each), exactly H v when examples do not interact. Needs `trainable`, `checked_forward`,
+    `unflatten`."""
+    params, n, chunk = trainable(model), y.numel(), chunk or len(x)
+
     def gradient(start):
-        outputs = model(x[start:start + chunk])
-        losses = loss_fn(outputs, y[start:start + chunk])
-        if start == 0:
-            check_examples(x, y, outputs, losses)
-        return torch.autograd.grad(losses.sum() / (n * losses[0].numel()), params, create_graph=True,
-                                   materialize_grads=True)
+        losses = checked_forward(model, loss_fn, x[start:start + chunk], y[start:start + chunk])[1]
+        return torch.autograd.grad(losses.sum() / n, params, create_graph=True, materialize_grads=True)
+
     def flat(parts):
         return torch.cat([part.reshape(-1) for part in parts])
-    if chunk >= n:
+
+    if chunk >= len(x):
         grads = gradient(0)
         return lambda v: flat(torch.autograd.grad(grads, params, unflatten(v, params), retain_graph=True,
                                                   materialize_grads=True))
     return lambda v: sum(flat(torch.autograd.grad(gradient(start), params, unflatten(v, params),
-                                                  materialize_grads=True)) for start in range(0, n, chunk))
+                                                  materialize_grads=True))
+                         for start in range(0, len(x), chunk))
 
 def hvp(model, loss_fn, x, y, v, chunk=None):
     """One Hessian-vector product H v (flat [P]) of the mean loss over (x, y), without side effects. Needs
@@ -148,29 +149,31 @@ def hvp(model, loss_fn, x, y, v, chunk=None):
         return hessian_operator(model, loss_fn, x, y, chunk)(v)
 
 def lanczos(matvec, dim, k=1, iters=100, tol=1e-6, seed=0, v0=None, dtype=torch.float64, device="cpu"):
-    """The k largest (algebraic) eigenpairs of a symmetric operator matvec: [dim] -> [dim], by Lanczos: an orthonormal
-    Krylov basis of span{v0, A v0, A² v0, ...} by the recurrence w = A q_j − α_j q_j − β_{j−1} q_{j−1}, α_j = q_j·A q_j,
-    β_j = |w|, re-orthogonalized twice against every q ("twice is enough") so rounding never brings back converged
-    directions. The eigenvalues θ of T = Qᵀ A Q (Ritz values) approximate the extreme eigenvalues, with residual |A y −
-    θ y| = β_m |s_m| for free. Stops when the top k residuals are <= tol·max|θ|, after `iters` products, or when the
-    space fills R^dim; on breakdown (an invariant subspace) it restarts from a random orthogonal vector, so a warm start
-    v0 [dim] (or [dim, m], columns summed) that is an exact eigenvector still finds the others. Raises
-    FloatingPointError on a non-finite product. Returns eigenvalues float64 [k] (descending), eigenvectors [dim, k],
-    residuals [k]."""
+    """The k largest (algebraic) eigenpairs of a symmetric operator matvec: [dim] -> [dim] by Lanczos.
+
+    An orthonormal basis q_1, q_2, ... of the Krylov space span{v0, A v0, A² v0, ...} comes from the
+    recurrence w = A q_j − α_j q_j − β_{j−1} q_{j−1}, α_j = q_j·A q_j, β_j = |w|, re-orthogonalized twice
+    against every q ("twice is enough"), so rounding never brings converged directions back. The eigenvalues θ
+    of the tridiagonal T = Qᵀ A Q (Ritz values) approach the extreme eigenvalues, with residuals |A y − θ y| =
+    β_m |s_m| for free. It stops when the top k residuals are <= tol·max|θ|, after `iters` products, or when
+    the space fills R^dim; on breakdown (an invariant subspace) it goes on from a random orthogonal vector, so
+    a warm start v0 [dim] (or [dim, m], columns summed) that is an exact eigenvector still finds the others.
+    Returns eigenvalues float64 [k] (descending), eigenvectors [dim, k] and residuals [k]; a non-finite
+    product raises FloatingPointError."""
     if not 1 <= k <= dim:
         raise ValueError(f"lanczos: k={k} eigenpairs of a {dim}-dimensional operator: need 1 <= k <= dim")
-    iters = min(max(iters, k), dim)
-    generator = torch.Generator().manual_seed(seed)
+    iters, generator = min(max(iters, k), dim), torch.Generator().manual_seed(seed)
+
     def random_vector():
         return torch.randn(dim, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+
     if v0 is None:
         q = random_vector()
     else:
         v0 = v0.reshape(dim, -1).to(device=device, dtype=dtype)
         q = (v0 / v0.norm(dim=0).clamp_min(1e-30)).sum(dim=1)
-    basis = torch.zeros(iters, dim, dtype=dtype, device=device)
+    basis, alphas, betas = torch.zeros(iters, dim, dtype=dtype, device=device), [], []
     basis[0] = q / q.norm()
-    alphas, betas = [], []
     for j in range(iters):
         w = matvec(basis[j]).to(dtype)
         alphas.append(float(w @ basis[j]))
@@ -178,643 +181,486 @@ def lanczos(matvec, dim, k=1, iters=100, tol=1e-6, seed=0, v0=None, dtype=torch.
             w = w - basis[:j + 1].T @ (basis[:j + 1] @ w)
         beta = float(w.norm())
         if not (math.isfinite(alphas[-1]) and math.isfinite(beta)):
-            raise FloatingPointError(f"lanczos: the operator returned a non-finite product at iteration {j} "
-                                     f"(alpha {alphas[-1]}, beta {beta}): the Hessian has overflowed")
+            raise FloatingPointError(f"lanczos: non-finite product at iteration {j}: the Hessian overflowed")
         theta, S = np.linalg.eigh(np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))
         top = np.argsort(theta)[::-1][:k]
-        residuals = beta * np.abs(S[-1, top])
-        scale = max(np.abs(theta).max(), 1e-300)
+        residuals, scale = beta * np.abs(S[-1, top]), max(np.abs(theta).max(), 1e-300)
         breakdown = beta <= 1e-10 * scale
         if j + 1 == iters or (j + 1 >= k and not breakdown and np.all(residuals <= tol * scale)):
             break
         if breakdown:
-            w = random_vector()
+            w, beta = random_vector(), 0.0
             for _ in range(2):
                 w = w - basis[:j + 1].T @ (basis[:j + 1] @ w)
-            beta = 0.0
         betas.append(beta)
-        basis[j + 1] = w / (w.norm() if breakdown else beta)
+        basis[j + 1] = w / w.norm()
     eigenvectors = basis[:len(alphas)].T @ torch.as_tensor(S[:, top].copy(), dtype=dtype, device=device)
     return torch.as_tensor(theta[top].copy()), eigenvectors, torch.as_tensor(residuals.copy())
 
-def power_iteration(matvec, dim, iters=1000, tol=1e-6, seed=0, v0=None, dtype=torch.float64, device="cpu"):
-    """Top eigenvalue by power iteration v <- A v / |A v|, the baseline for `lanczos`: converges at the rate |λ_2 / λ_1|
-    per product, stopping when |A v − λ v| <= tol·|λ| (λ = v·A v). Returns (λ, v, converged, products)."""
-    if dim < 1:
-        raise ValueError(f"power_iteration: dim={dim} must be >= 1")
-    generator = torch.Generator().manual_seed(seed)
-    v = torch.randn(dim, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype) \
-        if v0 is None else v0.reshape(-1).to(device=device, dtype=dtype).clone()
-    v, eigenvalue = v / v.norm(), 0.0
-    for step in range(1, iters + 1):
-        w = matvec(v).to(dtype)
-        eigenvalue = float(v @ w)
-        if not math.isfinite(eigenvalue):
-            raise FloatingPointError(f"power_iteration: non-finite Rayleigh quotient at product {step}")
-        if float((w - eigenvalue * v).norm()) <= tol * abs(eigenvalue):
-            return eigenvalue, v, True, step
-        v = w / w.norm()
-    return eigenvalue, v, False, iters
-
-def top_eigenvalues(model, loss_fn, x, y, k=1, chunk=None, iters=100, tol=1e-3, seed=0, v0=None, preconditioner=None):
-    """Sharpness: the k largest eigenvalues of the Hessian of the mean loss over (x, y) (`lanczos` on
-    `hessian_operator`, inside `preserved`). With a diagonal preconditioner P > 0 those of P^-1/2 H P^-1/2, the
-    sharpness an adaptive optimizer sees (eigenvectors whitened: s ⊙ w, s = P^-1/2, is a parameter direction). Returns
-    eigenvalues float64 [k], eigenvectors [P, k], residuals [k]. Needs `preserved`, `hessian_operator`, `lanczos`."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def top_eigenvalues(model, loss_fn, x, y, k=1, chunk=None, iters=100, tol=1e-3, seed=0, v0=None, scale=None):
+    """Sharpness: the k largest eigenvalues of the Hessian H of the mean loss over (x, y) (`lanczos` on
+    `hessian_operator`, inside `preserved`). Given a flat scale s [P], those of diag(s) H diag(s): s = P^-1/2
+    gives the sharpness an optimizer with diagonal preconditioner P sees (its eigenvectors are whitened: s ⊙ u
+    is a parameter direction), a 0/1 mask gives one block of H. Returns eigenvalues float64 [k], eigenvectors
+    [P, k] and residuals [k]. Needs `trainable`, `preserved`, `hessian_operator`, `lanczos`."""
+    params = trainable(model)
     dim = sum(p.numel() for p in params)
     if not 1 <= k <= dim:
         raise ValueError(f"top_eigenvalues: k={k} but the model has {dim} parameters: need 1 <= k <= {dim}")
     with preserved(model):
         hessian_times = matvec = hessian_operator(model, loss_fn, x, y, chunk)
-        if preconditioner is not None:
-            scale = preconditioner.to(device=params[0].device, dtype=params[0].dtype).rsqrt()
+        if scale is not None:
+            scale = scale.to(device=params[0].device, dtype=params[0].dtype)
 
             def matvec(u):
                 return scale * hessian_times(scale * u)
         return lanczos(matvec, dim, k=k, iters=iters, tol=tol, seed=seed, v0=v0, dtype=params[0].dtype,
                        device=params[0].device)
 
-# ----------------------------------------------------------------------------- 2. Training
+def sharpness_measure(loss_fn, x, y, every=20, k=1, chunk=None, iters=100, tol=1e-3, preconditioner=None):
+    """A `measure` hook for `train`: every `every` steps the top-k Hessian eigenvalues over (x, y),
+    warm-started from the last eigenvectors, as "eigenvalues"; given preconditioner (optimizer -> P [P] or
+    None), also those of P^-1/2 H P^-1/2 as "preconditioned_eigenvalues" (nan before P exists). A non-finite
+    sharpness raises FloatingPointError, which `train` reports as divergence. Needs `top_eigenvalues`."""
+    warm = {}
+
+    def measure(step, model, optimizer):
+        if step % every:
+            return None
+        values, warm["plain"], _ = top_eigenvalues(model, loss_fn, x, y, k, chunk, iters, tol,
+                                                   v0=warm.get("plain"))
+        record = {"eigenvalues": values.numpy()}
+        if preconditioner is not None:
+            P = preconditioner(optimizer)
+            record["preconditioned_eigenvalues"] = np.full(k, np.nan) if P is None else top_eigenvalues(
+                model, loss_fn, x, y, k, chunk, iters, tol, scale=P.rsqrt())[0].numpy()
+        if not np.isfinite(record["eigenvalues"]).all():
+            raise FloatingPointError(f"non-finite sharpness {record['eigenvalues'].tolist()}")
+        return record
+
+    return measure
+
+# ------------------------------------------------------------ 2. Training
 
 def full_batch_gradient(model, loss_fn, x, y, chunk):
-    """Put ∇L of the mean loss into p.grad, `chunk` rows at a time (each adds ∇(Σ_chunk ℓ_i)/N). Returns (every
-    example's loss [N], accuracy). Needs `check_examples`."""
+    """Put ∇L of the mean loss into p.grad, `chunk` rows at a time (each adds ∇(Σ_chunk ℓ_i)/N). Returns every
+    example's loss [N] (flat over B·T) and the accuracy (nan for one output). Needs `checked_forward`."""
     losses, correct = [], []
     for start in range(0, len(x), chunk):
-        outputs = model(x[start:start + chunk])
-        chunk_losses = loss_fn(outputs, y[start:start + chunk])
-        if start == 0:
-            check_examples(x, y, outputs, chunk_losses)
-        (chunk_losses.sum() / (len(x) * chunk_losses[0].numel())).backward()
+        rows = slice(start, start + chunk)
+        outputs, chunk_losses = checked_forward(model, loss_fn, x[rows], y[rows])
+        (chunk_losses.sum() / y.numel()).backward()
         losses.append(chunk_losses.detach().reshape(-1))
-        correct.append((outputs.detach().argmax(-1) == y[start:start + chunk]).reshape(-1))
+        correct.append((outputs.detach().argmax(-1) == y[rows]).reshape(-1))
     return torch.cat(losses), float(torch.cat(correct).float().mean()) if outputs.shape[-1] > 1 else math.nan
 
 def minibatches(n, batch_size, generator):
-    """Endless minibatch indices: consecutive batch_size slices of a seeded permutation of range(n), a new one each
-    epoch (a last, partial slice is skipped)."""
+    """Endless minibatch indices: consecutive batch_size slices of a seeded permutation of range(n), a new one
+    each epoch (a last, partial slice is skipped). Replaying the same generator gives the same batches."""
     while True:
         order = torch.randperm(n, generator=generator)
         for start in range(0, n - batch_size + 1, batch_size):
             yield order[start:start + batch_size]
 
 def stability_threshold(optimizer):
-    """The sharpness above which an optimizer is unstable on a quadratic (Cohen et al. 2021, 2022): Adam, on λ(P^-1/2 H
-    P^-1/2) with P = sqrt(v̂) + ε, (2 + 2β1) / ((1 − β1) lr); heavy ball (SGD; SplitSGD on its own preconditioned
-    sharpness) (2 + 2μ)/lr, 2/lr for GD. Clipping only shortens steps."""
+    """The sharpness above which an optimizer is unstable on a quadratic (Cohen et al. 2021, 2022): gradient
+    descent 2/lr, heavy-ball momentum μ (SGD, and SplitSGD on its own preconditioned sharpness) (2 + 2μ)/lr,
+    Adam (2 + 2β1)/((1 − β1) lr) on the sharpness of P^-1/2 H P^-1/2, P = sqrt(v̂) + ε. nan for other
+    optimizers."""
     group = optimizer.param_groups[0]
     if isinstance(optimizer, torch.optim.Adam):
         return (2.0 + 2.0 * group["betas"][0]) / ((1.0 - group["betas"][0]) * group["lr"])
     if isinstance(optimizer, torch.optim.SGD) or "normalized_lr" in group:        # SGD or SplitSGD
         return (2.0 + 2.0 * group["momentum"]) / group["lr"]
-    raise ValueError(f"no stability threshold known for {type(optimizer).__name__}: use SGD, Adam or SplitSGD")
+    return math.nan
 
-def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, measure=None, clip_norm=None, seed=0,
+def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, measure=None, seed=0,
           log=print):
-    """Train `model` on (x, y) with a constructed torch `optimizer`. Full batch (batch_size None): the gradient of L(θ)
-    = (1/N) Σ_i ℓ_i(θ) (`full_batch_gradient`), gradient descent with torch.optim.SGD(lr), whose forward pass gives
-    every ℓ_i(θ_t) free (per_example_loss [T, N]). Minibatch: the next batch_size examples of a seeded reshuffle
-    (`minibatches`); loss and accuracy are the minibatch's. clip_norm: rescale g to g·min(1, clip_norm/|g|).
-    measure(step, model, optimizer) -> dict or None runs at θ_t with the gradient in p.grad, before the update, inside
-    `preserved` (it cannot change modes, buffers or the random stream); its dicts are kept in history["measured"] with
-    their step, and train never reads them. A non-finite loss or a FloatingPointError from measure stops the run with a
-    message naming the optimizer's `stability_threshold`; earlier steps are kept. Returns step, loss, accuracy,
-    grad_norm [T], per_example_loss, measured, diverged (None or the message). Needs `full_batch_gradient`,
-    `minibatches`, `preserved`, `stability_threshold`."""
-    check_examples(x, y)
-    n, chunk = len(x), chunk or len(x)
-    if steps < 0 or chunk < 1 or (batch_size is not None and not 1 <= batch_size <= n):
-        raise ValueError(f"train: need steps >= 0 (got {steps}), chunk >= 1 (got {chunk}) and batch_size None (full "
-                         f"batch) or in 1..{n} (got {batch_size})")
-    params = [p for p in model.parameters() if p.requires_grad]
-    batches = minibatches(n, batch_size or n, torch.Generator().manual_seed(seed))
-    history = {key: [] for key in ("step", "loss", "accuracy", "grad_norm", "per_example_loss", "measured")}
-    history["diverged"], start_time = None, time.time()
+    """Train `model` on (x, y) with a constructed torch `optimizer` for `steps` steps.
+
+    Full batch (batch_size None): the gradient of L(θ) = (1/N) Σ_i ℓ_i(θ) (`full_batch_gradient`), so that
+    torch.optim.SGD(lr) is gradient descent, and every ℓ_i(θ_t) comes free (per_example_loss [T, N]).
+    Minibatch: the next batch_size examples of a seeded reshuffle (`minibatches`); loss and accuracy are the
+    minibatch's. measure(step, model, optimizer) -> dict or None runs at θ_t with the gradient in p.grad,
+    before the update, inside `preserved`; its dicts are kept in history["measured"] with their step.
+
+    A non-finite loss, or a FloatingPointError from measure, ends the run with history["diverged"], a message
+    naming the `stability_threshold`; the steps not run stay nan, so every array keeps its length: loss,
+    accuracy, grad_norm [T] and per_example_loss [T, N] (empty for minibatches). Needs `trainable`,
+    `full_batch_gradient`, `minibatches`, `checked_forward`, `preserved`, `stability_threshold`."""
+    params, chunk = trainable(model), chunk or len(x)
+    if steps < 0 or chunk < 1 or (batch_size is not None and not 1 <= batch_size <= len(x)):
+        raise ValueError(f"train: need steps >= 0 (got {steps}), chunk >= 1 (got {chunk}) and batch_size "
+                         f"None (full batch) or in 1..{len(x)} (got {batch_size})")
+    batches = minibatches(len(x), batch_size or len(x), torch.Generator().manual_seed(seed))
+    history = {key: np.full(steps, np.nan) for key in ("loss", "accuracy", "grad_norm")}
+    rows = steps if batch_size is None else 0          # per-example losses come free in full batch only
+    history.update(per_example_loss=np.full((rows, y.numel()), np.nan, np.float32), measured=[],
+                   diverged=None)
+    started = time.time()
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
         if batch_size is None:
             losses, accuracy = full_batch_gradient(model, loss_fn, x, y, chunk)
-            history["per_example_loss"].append(losses.float().cpu())
-            loss = float(losses.mean())
+            history["per_example_loss"][step] = losses.float().cpu().numpy()
         else:
             batch = next(batches).to(x.device)
-            outputs = model(x[batch])
-            losses = loss_fn(outputs, y[batch])
-            if step == 0:
-                check_examples(x, y, outputs, losses)
+            outputs, losses = checked_forward(model, loss_fn, x[batch], y[batch])
             losses.mean().backward()
-            loss = float(losses.detach().mean())
-            accuracy = float((outputs.argmax(-1) == y[batch]).float().mean()) if outputs.shape[-1] > 1 else math.nan
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        for key, value in (("step", step), ("loss", loss), ("accuracy", accuracy), ("grad_norm", grad_norm)):
-            history[key].append(value)
-        problem = None if math.isfinite(loss) else f"loss {loss}"
-        if measure is not None and problem is None:
-            try:
-                with preserved(model):
-                    record = measure(step, model, optimizer)
-                history["measured"] += [dict(record, step=step)] if record is not None else []
-            except FloatingPointError as error:
-                problem = str(error)
-        if problem is not None:
-            lr = optimizer.param_groups[0]["lr"]
-            try:
-                edge = f"{type(optimizer).__name__} at lr {lr:g} is stable up to a sharpness of " \
-                       f"{stability_threshold(optimizer):.4g}"
-            except ValueError:
-                edge = f"the step size is lr {lr:g}"
-            history["diverged"] = (f"training diverged at step {step} ({problem}); {edge}: lower the learning rate. "
-                                   f"Steps 0..{step} are kept in the history.")
+            correct = (outputs.argmax(-1) == y[batch]).float().mean()
+            accuracy = float(correct) if outputs.shape[-1] > 1 else math.nan
+        history["loss"][step], history["accuracy"][step] = float(losses.detach().mean()), accuracy
+        history["grad_norm"][step] = float(torch.stack([p.grad.norm() for p in params if p.grad is not None])
+                                           .norm())
+        try:
+            if not math.isfinite(history["loss"][step] + history["grad_norm"][step]):
+                raise FloatingPointError(f"loss {history['loss'][step]}, gradient norm {history['grad_norm'][step]}")
+            with preserved(model):
+                record = measure(step, model, optimizer) if measure else None
+            history["measured"] += [dict(record, step=step)] if record else []
+        except FloatingPointError as error:
+            history["diverged"] = (f"training diverged at step {step} ({error}); {type(optimizer).__name__} "
+                                   f"at lr {optimizer.param_groups[0]['lr']:g} is stable up to a sharpness "
+                                   f"of {stability_threshold(optimizer):.4g}: lower the learning rate")
             if log:
                 log(history["diverged"])
             break
-        if clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip_norm)
         optimizer.step()
         if log and (step % max(1, steps // 10) == 0 or step == steps - 1):
-            elapsed = time.time() - start_time
-            first = elapsed if step == 0 else first    # step 0 pays for warm-up and a cold eigensolver: not a rate
-            log(f"step {step:5d} | loss {loss:.4f} | acc {accuracy:.3f} | {elapsed:6.1f}s, " + (
-                f"ETA {(elapsed - first) / step * (steps - step - 1):6.1f}s" if step else "ETA after more steps"))
-    result = {key: np.asarray(history[key], dtype=np.float64) for key in ("loss", "accuracy", "grad_norm")}
-    result["per_example_loss"] = (torch.stack(history["per_example_loss"]).numpy() if history["per_example_loss"]
-                                  else np.zeros((0, n), np.float32))
-    return dict(result, step=np.asarray(history["step"], dtype=np.int64), measured=history["measured"],
-                diverged=history["diverged"])
+            elapsed = time.time() - started
+            first = elapsed if step == 0 else first     # step 0 pays for warm-up and a cold eigensolver
+            eta = f"{(elapsed - first) / step * (steps - step - 1):6.1f}s" if step else "after more steps"
+            log(f"step {step:5d} | loss {history['loss'][step]:.4f} | acc {accuracy:.3f} | {elapsed:6.1f}s, "
+                f"ETA {eta}")
+    return history
 
 def measured(history, key):
-    """The steps [M] and values [M, ...] (numpy) of `key` in a train history's measure records that have it."""
+    """The steps [M] and values [M, ...] (numpy) of `key` in the measure records of a `train` history."""
     records = [m for m in history["measured"] if key in m]
     return (np.asarray([m["step"] for m in records], dtype=np.int64),
             np.asarray([np.asarray(m[key], dtype=np.float64) for m in records]))
 
 def evaluate(model, loss_fn, x, y, chunk=1024):
-    """Mean loss and accuracy (nan for a single output) on (x, y), without gradients or side effects. Needs
-    `check_examples`, `preserved`."""
-    check_examples(x, y)
+    """Mean loss and accuracy (nan for one output) on (x, y), without gradients or side effects. Needs
+    `checked_forward`, `preserved`."""
     with preserved(model), torch.no_grad():
-        outputs = torch.cat([model(x[s:s + chunk]) for s in range(0, len(x), chunk)])
-        losses = loss_fn(outputs, y)
-    check_examples(x, y, outputs, losses)
-    return float(losses.mean()), float((outputs.argmax(-1) == y).float().mean()) if outputs.shape[-1] > 1 else math.nan
+        parts = [checked_forward(model, loss_fn, x[s:s + chunk], y[s:s + chunk])
+                 for s in range(0, len(x), chunk)]
+    outputs, losses = (torch.cat([part[j] for part in parts]) for j in (0, 1))
+    accuracy = float((outputs.argmax(-1) == y).float().mean()) if outputs.shape[-1] > 1 else math.nan
+    return float(losses.mean()), accuracy
 
-def edge_of_stability(steps, sharpness, threshold):
-    """Progressive sharpening to a threshold (2/lr for GD) and the hover there, from λ [E] at steps [E]: crossing, the
-    first time λ reaches it, interpolated between measurements (nan if never): the one definition; start_ratio =
-    λ(steps[0]) / threshold; hover, the median |λ / threshold − 1| from the crossing on."""
-    steps, sharpness = np.asarray(steps, dtype=np.float64), np.asarray(sharpness, dtype=np.float64)
-    if len(sharpness) == 0:
-        return {"crossing": math.nan, "start_ratio": math.nan, "hover": math.nan}
-    above = np.flatnonzero(sharpness >= threshold)
+def first_reach(steps, values, level):
+    """The first step at which `values` [E], measured at `steps` [E], reach `level`, interpolated linearly
+    between the measurements before and at it (steps[0] if the first already does); nan if never."""
+    steps, values = np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    above = np.flatnonzero(values >= level)
     if len(above) == 0:
-        return {"crossing": math.nan, "start_ratio": float(sharpness[0] / threshold), "hover": math.nan}
+        return math.nan
     i = above[0]
-    crossing = steps[0] if i == 0 else steps[i - 1] + (threshold - sharpness[i - 1]) / (
-        sharpness[i] - sharpness[i - 1]) * (steps[i] - steps[i - 1])
-    return {"crossing": float(crossing), "start_ratio": float(sharpness[0] / threshold),
-            "hover": float(np.median(np.abs(sharpness[i:] / threshold - 1)))}
+    if i == 0:
+        return float(steps[0])
+    fraction = (level - values[i - 1]) / (values[i] - values[i - 1])
+    return float(steps[i - 1] + fraction * (steps[i] - steps[i - 1]))
 
-def sharpening_rate(steps, sharpness, window):
-    """Progressive sharpening over a fixed window from the start, (λ(window) − λ(steps[0])) / window · 100: the rise per
-    100 steps, λ interpolated between measurements (steps [E], sharpness [E])."""
-    return float((np.interp(window, steps, sharpness) - sharpness[0]) / window * 100)
+def edge_of_stability(steps, sharpness, threshold, length):
+    """The one time axis of a run of `length` steps whose sharpness [E] was measured at `steps` [E]: crossing,
+    the first time it reaches the threshold (2/lr for GD; interpolated, nan if never); after, the first
+    measured step at or past the crossing, where every "after the crossing" starts (`length` if never);
+    approach, the steps from 0.8 x the threshold to the crossing (a duration, which the starting sharpness
+    does not set); start_ratio, λ(steps[0]) / threshold; hover, the median |λ / threshold − 1| from `after`
+    on. Needs `first_reach`."""
+    steps, sharpness = np.asarray(steps), np.asarray(sharpness, dtype=np.float64)
+    crossing = first_reach(steps, sharpness, threshold) if len(steps) else math.nan
+    after = int(steps[np.searchsorted(steps, crossing)]) if math.isfinite(crossing) else length
+    hover = np.abs(sharpness[steps >= after] / threshold - 1)
+    approach = crossing - first_reach(steps, sharpness, 0.8 * threshold)
+    return {"crossing": crossing, "after": after, "approach": approach,
+            "start_ratio": float(sharpness[0] / threshold) if len(steps) else math.nan,
+            "hover": float(np.median(hover)) if len(hover) else math.nan}
 
-# ----------------------------------------------------------------------------- 3. Outliers and opposing groups
+def measurable(steps, start, stop, length, span=0):
+    """Which measurements (at steps [E]) fall in [start, stop) and leave `span` steps before the run's end
+    (`length`) to watch what follows: bool [E]. After the crossing: measurable(steps, after, length, length,
+    span)."""
+    steps = np.asarray(steps)
+    return (steps >= start) & (steps < stop) & (steps + span <= length)
+
+def sharpening_rate(steps, sharpness, start, stop):
+    """Progressive sharpening over [start, stop]: (λ(stop) − λ(start)) / (stop − start) · 100, the rise per
+    100 steps, λ interpolated between measurements (steps [E], sharpness [E]); nan for an empty window."""
+    if not stop > start:
+        return math.nan
+    rise = np.interp(stop, steps, sharpness) - np.interp(start, steps, sharpness)
+    return float(rise / (stop - start) * 100)
+
+# ------------------------------------------------------------ 3. Outliers and opposing groups
 
 def per_example_losses(model, loss_fn, x, y, chunk=1024):
-    """loss_fn(model(x), y) for every example, without gradients or side effects: [N] (flat over B·T for a language
-    model). `train` records these at no cost during full-batch training. Needs `check_examples`, `preserved`."""
-    check_examples(x, y)
+    """loss_fn(model(x), y) for every example without gradients or side effects: [N], flat over B·T for a
+    language model (`train` records them free during full-batch training). Needs `checked_forward`,
+    `preserved`."""
     with preserved(model), torch.no_grad():
-        outputs = model(x[:chunk])
-        check_examples(x, y, outputs, loss_fn(outputs, y[:chunk]))
-        return torch.cat([loss_fn(model(x[s:s + chunk]), y[s:s + chunk]).reshape(-1) for s in range(0, len(x), chunk)])
+        return torch.cat([checked_forward(model, loss_fn, x[s:s + chunk], y[s:s + chunk])[1].reshape(-1)
+                          for s in range(0, len(x), chunk)])
 
 def per_example_grads(model, loss_fn, x, y, chunk=256, positions=None):
-    """G[i] = ∇θ loss_fn(model(x[i:i+1]), y[i:i+1]): [N, P], by vmap of grad of a functional_call, `chunk` examples at a
-    time. A language model's row i counts position positions[i] (None: the row's summed losses). Batch norm must be in
-    eval mode; dropout is off. Needs `check_examples`, `preserved`."""
+    """G[i] = ∇θ loss_fn(model(x[i:i+1]), y[i:i+1]): [n, P], by vmap of grad of a functional_call, `chunk`
+    rows at a time, inside `preserved`. A language model's row i counts position positions[i] (None: its
+    summed losses). Needs `trainable`, `checked_forward`, `preserved`."""
     from torch.func import functional_call, grad, vmap
-    if model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise ValueError("per-example gradients need batch norm in eval mode: call model.eval() first")
-    check_examples(x, y)
-    with preserved(model), torch.no_grad():
-        outputs = model(x[:1])
-        losses = loss_fn(outputs, y[:1])
-    check_examples(x, y, outputs, losses)
-    per_row = losses[0].numel()
-    positions = torch.full((len(x),), -1) if positions is None else torch.as_tensor(positions).reshape(-1)
-    if len(positions) != len(x) or (positions >= per_row).any() or (positions < -1).any():
-        raise ValueError(f"positions must give one position in 0..{per_row - 1} per example ({len(x)}), or be None "
-                         f"for each row's summed losses")
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    buffers = {name: b.detach() for name, b in model.named_buffers()}
-    def example_loss(params, xi, yi, ti):
-        losses = loss_fn(functional_call(model, (params, buffers), (xi.unsqueeze(0),)), yi.unsqueeze(0)).reshape(-1)
-        return (losses * ((torch.arange(len(losses), device=losses.device) == ti) | (ti < 0))).sum()   # −1: the row
-    grad_per_example, positions = vmap(grad(example_loss), in_dims=(None, 0, 0, 0)), positions.to(x.device)
-    sizes, first = [p.numel() for p in params.values()], next(iter(params.values()))
-    result = torch.empty(len(x), sum(sizes), dtype=first.dtype, device=first.device)
+    first, per_row = trainable(model)[0], y[0].numel()
+    positions = torch.full((len(x),), -1) if positions is None else torch.as_tensor(positions).reshape(-1)
+    if len(positions) != len(x) or not (-1 <= positions).all() or (positions >= per_row).any():
+        raise ValueError(f"positions must give one position in 0..{per_row - 1} per example ({len(x)}), or "
+                         f"be None for each row's summed losses")
+
+    def example_loss(params, buffers, xi, yi, ti):
+        losses = loss_fn(functional_call(model, (params, buffers), (xi[None],)), yi[None]).reshape(-1)
+        counted = (torch.arange(len(losses), device=losses.device) == ti) | (ti < 0)       # −1: the whole row
+        return (losses * counted).sum()
+
+    size, positions = sum(p.numel() for p in params.values()), positions.to(x.device)
+    result = torch.empty(len(x), size, dtype=first.dtype, device=first.device)
     with preserved(model):
+        checked_forward(model, loss_fn, x[:1], y[:1])
+        buffers = {name: b.detach() for name, b in model.named_buffers()}
         for start in range(0, len(x), chunk):
-            grads = grad_per_example(params, x[start:start + chunk], y[start:start + chunk],
-                                     positions[start:start + chunk])
-            for column, g in zip(np.cumsum([0] + sizes[:-1]), grads.values()):
-                result[start:start + len(g), column:column + g[0].numel()] = g.reshape(len(g), -1)
+            rows = slice(start, start + chunk)
+            grads = vmap(grad(example_loss), in_dims=(None, None, 0, 0, 0))(params, buffers, x[rows], y[rows],
+                                                                             positions[rows])
+            result[rows] = torch.cat([g.flatten(1) for g in grads.values()], dim=1)
     return result
 
 def per_example_curvature(model, loss_fn, x, y, v, chunk=1024):
-    """Each example's curvature along a unit direction v: vᵀHv = (1/N) Σ_i c_i, c_i = d²/dt² ℓ_i(f_i(θ + t v)) = (J_i
-    v)ᵀ ∇²_f ℓ_i (J_i v) (Gauss-Newton) + Σ_c ∂ℓ_i/∂f_c vᵀ∇²f_{i,c} v (residual), for every example at once by
-    forward-mode products: J v one jvp of the outputs, the total a jvp of that through the loss, the Gauss-Newton part
-    the second derivative of ℓ_i(f_i + s J_i v) in s. Buffers are read only (BN: eval mode). Returns float64 [N] arrays
-    total, gauss_newton, residual. Needs `check_examples`, `unflatten`."""
+    """Each example's curvature along a unit direction v [P]: c_i = d²/dt² ℓ_i(θ + t v) at t = 0, so that vᵀ H
+    v = (1/N) Σ_i c_i, for all examples at once by a forward-mode product of a forward-mode product (jvp of
+    jvp), inside `preserved`. Returns float64 [N] (flat over B·T). Needs `trainable`, `checked_forward`,
+    `preserved`, `unflatten`."""
     from torch.func import functional_call, jvp
-    check_examples(x, y)
-    with torch.no_grad():
-        outputs = model(x[:chunk])
-        check_examples(x, y, outputs, loss_fn(outputs, y[:chunk]))
     names = [name for name, p in model.named_parameters() if p.requires_grad]
-    params = [p.detach() for p in model.parameters() if p.requires_grad]
+    params = [p.detach() for p in trainable(model)]
     directions = dict(zip(names, unflatten(v.to(params[0].dtype), params)))
-    base, buffers = dict(zip(names, params)), {name: b.detach() for name, b in model.named_buffers()}
     zero = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
-    one = torch.ones_like(zero)
-    totals, gauss_newton = [], []
-    for start in range(0, len(x), chunk):
-        xc, yc = x[start:start + chunk], y[start:start + chunk]
+    result = []
+    with preserved(model):
+        checked_forward(model, loss_fn, x[:1], y[:1])
+        buffers = {name: b.detach() for name, b in model.named_buffers()}
+        for start in range(0, len(x), chunk):
+            def losses_at(t):
+                moved = {name: p + t * directions[name] for name, p in zip(names, params)}
+                return loss_fn(functional_call(model, (moved, buffers), (x[start:start + chunk],)),
+                               y[start:start + chunk])
 
-        def outputs_at(t):
-            return functional_call(model, ({n: base[n] + t * directions[n] for n in names}, buffers), (xc,))
+            def slope(t):
+                return jvp(losses_at, (t,), (torch.ones_like(zero),))[1]
 
-        def slope(t):
-            return jvp(lambda s: loss_fn(outputs_at(s), yc), (t,), (one,))[1]
-
-        outputs, jv = (part.detach() for part in jvp(outputs_at, (zero,), (one,)))
-        totals.append(jvp(slope, (zero,), (one,))[1].detach().reshape(-1))
-
-        def output_slope(s):
-            return jvp(lambda r: loss_fn(outputs + r * jv, yc), (s,), (one,))[1]
-
-        gauss_newton.append(jvp(output_slope, (zero,), (one,))[1].detach().reshape(-1))
-    total, gn = (torch.cat(parts).double().cpu().numpy() for parts in (totals, gauss_newton))
-    return {"total": total, "gauss_newton": gn, "residual": total - gn}
+            result.append(jvp(slope, (zero,), (torch.ones_like(zero),))[1].detach().reshape(-1))
+    return torch.cat(result).double().cpu().numpy()
 
 def group_gradients(model, loss_fn, x, y, groups):
-    """Each group's share g_k = ∇θ (Σ_{i in k} ℓ_i) / N of the full-batch gradient, one backward pass per bool mask [N]
-    (flat over B·T); disjoint groups covering the data sum to ∇L. Flat [P]; nothing else touched. Needs
-    `check_examples`, `preserved`."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    check_examples(x, y)
+    """Each group's share g_k = ∇θ (Σ_{i in k} ℓ_i) / N of the full-batch gradient, one backward pass per bool
+    mask [N] (flat over B·T); disjoint groups that cover the data sum to ∇L. Flat [P] each. Needs `trainable`,
+    `checked_forward`, `preserved`."""
+    params = trainable(model)
     with preserved(model):
-        outputs = model(x)
-        losses = loss_fn(outputs, y)
-        check_examples(x, y, outputs, losses)
-        losses = losses.reshape(-1)
+        losses = checked_forward(model, loss_fn, x, y)[1].reshape(-1)
+        sums = [losses[torch.as_tensor(mask, device=losses.device)].sum() / len(losses) for mask in groups]
         return [torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-            losses[torch.as_tensor(mask, device=losses.device)].sum() / len(losses), params, retain_graph=True,
-            materialize_grads=True)]) for mask in groups]
+            part, params, retain_graph=True, materialize_grads=True)]) for part in sums]
 
 def parameter_layers(model):
-    """Group the trainable tensors into layers, in module order: a tensor's layer is its name up to its first all-digit
-    part ("net.1.weight" -> "net.1", "blocks.2.attention.qkv.weight" -> "blocks.2", a whole block), else its name
-    without the last part ("embed.weight" -> "embed"). Returns (names [L], layer of every entry [P])."""
+    """The trainable parameters' layers, in module order: every LayerNorm or BatchNorm in one group "norms";
+    otherwise a module's name up to the part after its first all-digit part ("net.1", "blocks.0.attention",
+    "blocks.0.mlp"), or the module's own name ("embed", "head", "" for parameters of the model itself, named
+    by the parameter: "position"). Returns (names [L], the layer of every flat entry int64 [P])."""
     names, index = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            parts = name.split(".")
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            parts = module_name.split(".")
             digit = next((i for i, part in enumerate(parts) if part.isdigit()), None)
-            layer = ".".join(parts[:digit + 1]) if digit is not None else (".".join(parts[:-1]) or name)
+            layer = "norms" if "Norm" in type(module).__name__ else (
+                ".".join(parts[:digit + 2]) if digit is not None else module_name or name)
             names += [layer] if layer not in names else []
             index.append(np.full(p.numel(), names.index(layer), dtype=np.int64))
     return names, np.concatenate(index)
 
-def layer_shares(vector, model):
-    """Each layer's share of a flat parameter vector's squared norm, [L] summing to 1 (`parameter_layers`). A random
-    direction puts each layer's share of the parameters there. Needs `parameter_layers`."""
+def layer_sharpness(model, loss_fn, x, y, scale=None, iters=30, tol=1e-2):
+    """Where the curvature lives: the top eigenvalue of each layer's diagonal block of the Hessian
+    (`top_eigenvalues` on the product restricted to the layer's entries; with scale [P], e.g. P^-1/2, of the
+    scaled operator), float64 [L] in `parameter_layers` order. Needs `parameter_layers`, `top_eigenvalues`."""
+    trainable(model)
     names, index = parameter_layers(model)
-    shares = np.bincount(index, weights=vector.detach().double().pow(2).cpu().numpy(), minlength=len(names))
-    return shares / max(shares.sum(), 1e-300)
+    scale = torch.ones(len(index)) if scale is None else scale.cpu()
+    masks = [scale * torch.as_tensor(index == layer, dtype=scale.dtype) for layer in range(len(names))]
+    return np.array([float(top_eigenvalues(model, loss_fn, x, y, iters=iters, tol=tol, scale=mask)[0][0])
+                     for mask in masks])
 
-def early_layer_ratio(shares, parameter_shares):
-    """How much more of a direction the early layers (the first third, rounded up: those that read the input) hold than
-    their size: their `layer_shares` [L] over their share of the parameters [L]; 1 for a random direction."""
-    early = math.ceil(len(parameter_shares) / 3)
-    return float(np.sum(shares[:early]) / np.sum(parameter_shares[:early]))
-
-def opposing_groups(model, loss_fn, x, y, lr, eigenvectors, top=30):
-    """The examples one gradient-descent step moves most, and the way each moves: the step θ − lr·g is taken on trial
-    (`shifted`) and every Δℓ_i = ℓ_i(θ − lr·g) − ℓ_i(θ) measured; the outliers are the `top` examples by |Δℓ_i| and "up"
-    marks those whose loss rose, the two opposing groups. With V = eigenvectors [P, k] (the sharp subspace) and u = V
-    Vᵀg / |Vᵀg|, Δℓ_i ≈ −lr·|Vᵀg|·<g_i, u> to first order; how often <g_i, u> < 0 predicts "up" (balanced accuracy)
-    checks the linearization, it is not evidence. Returns index, loss_change, up, cos_subspace = |Vᵀg_i|/|g_i|, cos_top
-    = |<g_i, v_1>|/|g_i| [top], linearization, loss_change_all [N], gradient [P]. Needs `shifted`, `per_example_grads`.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
+def loss_change(model, loss_fn, x, y, lr):
+    """The step gradient descent would take, on trial: every Δℓ_i = ℓ_i(θ − lr·g) − ℓ_i(θ) (float64 [N], flat
+    over B·T; in full-batch training ℓ_i(θ_{t+1}) − ℓ_i(θ_t)) and g = ∇L [P]. Needs `trainable`,
+    `checked_forward`, `preserved`, `shifted`."""
     with preserved(model):
-        outputs = model(x)
-        losses = loss_fn(outputs, y)
-        check_examples(x, y, outputs, losses)
-        gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses.mean(), params)])
+        losses = checked_forward(model, loss_fn, x, y)[1]
+        gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses.mean(), trainable(model))])
         with shifted(model, -lr * gradient), torch.no_grad():
-            change = (loss_fn(model(x), y) - losses.detach()).reshape(-1).double()
-    index = torch.argsort(change.abs(), descending=True)[:top]
-    per_row = change.numel() // len(x)                        # examples per input row: T for a language model
-    rows, positions = index // per_row, index % per_row
-    g = per_example_grads(model, loss_fn, x[rows], y[rows], positions=positions if per_row > 1 else None)
-    V = eigenvectors.to(device=g.device, dtype=g.dtype)
-    coefficients = V.T @ gradient
-    u = V @ (coefficients / coefficients.norm().clamp_min(1e-30))
-    up, predicted_up, norms = change[index] > 0, (g @ u) < 0, g.norm(dim=1).clamp_min(1e-30)
-    recalls = [float((predicted_up[up == side] == side).float().mean()) for side in (True, False) if (up == side).any()]
-    return {"index": index.cpu().numpy(), "loss_change": change[index].cpu().numpy(), "up": up.cpu().numpy(),
-            "cos_subspace": ((g @ V).norm(dim=1) / norms).double().cpu().numpy(),
-            "cos_top": ((g @ V[:, 0]).abs() / norms).double().cpu().numpy(),
-            "linearization": float(np.mean(recalls)), "loss_change_all": change.cpu().numpy(), "gradient": gradient}
+            return (loss_fn(model(x), y) - losses.detach()).reshape(-1).double(), gradient
 
-def selection_matched_draws(loss_change, labels, index, draws=50, band=10, seed=0):
-    """Null groups that pass the same selection as the outliers `index`: each draw replaces the outliers of every class
-    (labels [N]; text: the target tokens) and sign of Δℓ by as many examples of that class and sign from the next band x
-    as many by |Δℓ|, without replacement: movers of the same classes, split the same way, that just missed the cut
-    (random examples would credit the outliers with what selection alone gives). Returns int64 [draws, top] mirroring
-    index; rows of −1 where no draw is possible."""
-    change, labels, index = np.asarray(loss_change), np.asarray(labels).reshape(-1), np.asarray(index)
-    keys, order = labels * 2 + (change > 0), np.argsort(-np.abs(change), kind="stable")
-    order = order[~np.isin(order, index)]
-    result, rng = np.full((draws, len(index)), -1, dtype=np.int64), np.random.default_rng(seed)
-    slots = {key: np.flatnonzero(keys[index] == key) for key in np.unique(keys[index])}
-    pools = {key: order[keys[order] == key][:band * len(where)] for key, where in slots.items()}
-    if all(len(pools[key]) >= len(where) for key, where in slots.items()):
-        for row in result:
-            for key, where in slots.items():
-                row[where] = rng.choice(pools[key], len(where), replace=False)
-    return result
+def opposing_groups(loss_change, top):
+    """The outliers of a step and their opposing groups: the `top` examples by |Δℓ_i| (loss_change [N]),
+    largest first, and up, whether each one's loss rose. Returns (index int64 [top], up bool [top])."""
+    change = torch.as_tensor(loss_change)
+    index = torch.argsort(change.abs(), descending=True, stable=True)[:top]
+    return index.cpu().numpy(), (change[index] > 0).cpu().numpy()
 
-def pair_gradient_cosine(model, loss_fn, x, y, first, second, columns):
-    """Cosine of two groups' summed-loss gradients on the flat entries `columns` (e.g. the first layer): far from a
-    null's when the groups share (> 0) or oppose (< 0) an input feature. Needs `group_gradients`."""
-    per_row = y[0].numel()
-    members = np.concatenate([first, second]).astype(np.int64)
-    rows = np.unique(members // per_row)
-    local = np.searchsorted(rows, members // per_row) * per_row + members % per_row
-    masks = [np.isin(np.arange(len(rows) * per_row), part) for part in np.split(local, [len(first)])]
-    a, b = (g[torch.as_tensor(columns, device=g.device)] for g in group_gradients(model, loss_fn, x[rows], y[rows], masks))
-    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
+def outlier_state(model, loss_fn, x, y, lr, eigenvalues, eigenvectors, top=30, bands=3, random=30, seed=0):
+    """What only the parameters at step t can tell about its outliers (everything else comes from the per-example
+    losses, which `train` records). The step is taken on trial (`loss_change`); the candidates are its outliers
+    (`opposing_groups`) and, for each class and sign of Δℓ among them, the next bands x as many examples of that
+    class and sign by |Δℓ| (topped up with the next ranks): the pool of their selection-matched draws. They and
+    `random` other examples get their gradients g_i.
 
-def outlier_analysis(model, loss_fn, x, y, lr, eigenvectors, top=30, draws=50, band=10, seed=0, chunk=1024):
-    """Everything measured about the outliers of one full-batch GD step, one flat dict: the step's groups
-    (`opposing_groups`); null_index [draws, top] (`selection_matched_draws`); grad_cosine and grad_cosine_null [draws],
-    the first-layer `pair_gradient_cosine` of the up and down groups and of each null pair (nan when one side is empty);
-    top1_share, outlier_share, residual_share of vᵀHv along the top eigenvector (the top 1% of examples, selection-free;
-    the outliers; the residual term: `per_example_curvature`); midpoint, the sharpness at θ − lr·g/2 (the loss is not
-    quadratic at the scale of a step). Needs `opposing_groups`, `selection_matched_draws`, `pair_gradient_cosine`,
-    `per_example_curvature`, `parameter_layers`, `top_eigenvalues`."""
-    groups = opposing_groups(model, loss_fn, x, y, lr, eigenvectors, top)
-    gradient, change, index, up = groups.pop("gradient"), groups.pop("loss_change_all"), groups["index"], groups["up"]
-    null = selection_matched_draws(change, y.reshape(-1).cpu().numpy(), index, draws, band, seed)
-    first_layer = parameter_layers(model)[1] == 0
-    pairs = [(index, up)] + [(row, up) for row in null if row[0] >= 0]
-    cosines = [pair_gradient_cosine(model, loss_fn, x, y, members[side], members[~side], first_layer)
-               if side.any() and not side.all() else math.nan for members, side in pairs]
-    curvature = per_example_curvature(model, loss_fn, x, y, eigenvectors[:, 0], chunk)
-    total, count = curvature["total"], max(1, len(curvature["total"]) // 100)
-    with shifted(model, -lr / 2 * gradient):
-        midpoint = float(top_eigenvalues(model, loss_fn, x, y, v0=eigenvectors[:, 0])[0][0])
-    return dict(groups, null_index=null, grad_cosine=cosines[0],
-                grad_cosine_null=np.asarray(cosines[1:] + [math.nan] * (draws - len(pairs) + 1)),
-                top1_share=np.sort(total)[-count:].sum() / total.sum(), outlier_share=total[index].sum() / total.sum(),
-                residual_share=curvature["residual"].sum() / total.sum(), midpoint=midpoint)
+    Returns candidates [C = (1 + bands)·top] with their change [C] (Δℓ) and random [R]; unstable [C + R],
+    |Uᵀ g_i| / |g_i| with U the eigenvectors [P, k] whose eigenvalues reach 0.9·2/lr, and always v_1 (the
+    directions the step oscillates along); gram [C, C] = <h_i, h_j>, h_i the first layer's part of g_i with its
+    components along the first layer's parts of g and v_1 projected out (selecting by |Δℓ| ≈ lr|g_i·g|, and at
+    the edge by |g_i·v_1|, would otherwise oppose the groups' gradients by construction); curvature [N], each
+    example's v_1ᵀ H_i v_1 (`per_example_curvature`). Needs `loss_change`, `opposing_groups`,
+    `per_example_grads`, `per_example_curvature`, `parameter_layers`."""
+    change, gradient = loss_change(model, loss_fn, x, y, lr)
+    index, up = opposing_groups(change, top)
+    keys = y.reshape(-1).cpu().numpy() * 2 + (change > 0).cpu().numpy()
+    order = np.argsort(-np.abs(change.cpu().numpy()), kind="stable")[len(index):]
+    pool = [order[keys[order] == key][:bands * count] for key, count in zip(*np.unique(keys[index],
+                                                                                      return_counts=True))]
+    pool = np.sort(np.concatenate(pool)) if pool else np.zeros(0, dtype=np.int64)
+    pool = np.concatenate([pool, order[~np.isin(order, pool)][:bands * top - len(pool)]])
+    candidates = np.concatenate([index, pool[np.argsort(-np.abs(change.cpu().numpy()[pool]), kind="stable")]])
+    others = np.setdiff1d(np.arange(len(change)), candidates)
+    others = np.random.default_rng(seed).choice(others, min(random, len(others)), replace=False)
+    chosen, per_row = np.concatenate([candidates, others]), len(change) // len(x)   # T examples per row (text)
+    g = per_example_grads(model, loss_fn, x[chosen // per_row], y[chosen // per_row],
+                          positions=chosen % per_row if per_row > 1 else None)
+    unstable = (eigenvalues >= 0.9 * 2 / lr) | (torch.arange(len(eigenvalues)) == 0)
+    V = eigenvectors.to(g.dtype)[:, unstable.to(g.device)]
+    first = torch.as_tensor(parameter_layers(model)[1] == 0, device=g.device)
+    h, basis = g[:len(candidates), first], torch.linalg.qr(torch.stack([gradient, V[:, 0]], 1)[first])[0]
+    h = h - (h @ basis) @ basis.T
+    return {"candidates": candidates, "change": change[candidates].cpu().numpy(), "random": others,
+            "unstable": ((g @ V).norm(dim=1) / g.norm(dim=1).clamp_min(1e-30)).double().cpu().numpy(),
+            "gram": (h @ h.T).double().cpu().numpy(),
+            "curvature": per_example_curvature(model, loss_fn, x, y, eigenvectors[:, 0])}
 
-def sharpness_measure(loss_fn, x, y, every=20, k=1, chunk=None, iters=100, tol=1e-3, preconditioner=None, lr=None,
-                      top=0, draws=50):
-    """The `measure` hook for `train`: every `every` steps the top-k Hessian eigenvalues over (x, y), warm-started, as
-    "eigenvalues", and the top eigenvector's "layer_shares"; with preconditioner (optimizer -> P or None,
-    `adaptive_preconditioner`) also "preconditioned_eigenvalues" (nan before the first step); with top > 0 (full-batch
-    GD at step size lr) also the step's `outlier_analysis`. A non-finite sharpness raises FloatingPointError
-    (divergence). Needs `top_eigenvalues`, `layer_shares`, `outlier_analysis`."""
-    warm = {}
-    def measure(step, model, optimizer):
-        if step % every:
-            return None
-        values, vectors, _ = top_eigenvalues(model, loss_fn, x, y, k, chunk, iters, tol, v0=warm.get("plain"))
-        if not torch.isfinite(values).all():
-            raise FloatingPointError(f"non-finite sharpness {values.tolist()}")
-        warm["plain"], record = vectors, {"eigenvalues": values.numpy(), "layer_shares": layer_shares(vectors[:, 0], model)}
-        P = preconditioner(optimizer) if preconditioner is not None else None
-        if preconditioner is not None:
-            record["preconditioned_eigenvalues"] = np.full(k, np.nan)
-        if P is not None:
-            values, warm["preconditioned"], _ = top_eigenvalues(model, loss_fn, x, y, k, chunk, iters, tol,
-                                                                v0=warm.get("preconditioned"), preconditioner=P)
-            record["preconditioned_eigenvalues"] = values.numpy()
-        if top:
-            record.update(outlier_analysis(model, loss_fn, x, y, lr, vectors, top, draws, seed=step, chunk=chunk or 1024))
-        return record
-    return measure
-
-def loss_spikes(loss, window=20, factor=1.1):
-    """Loss spike events: maximal runs of consecutive steps t with loss[t] > factor·min(loss[t−window:t]) (events, not
+def loss_spikes(loss, rise, window=20):
+    """Loss spike events: maximal runs of steps t with loss[t] − min(loss[t − window:t]) > rise (events, not
     steps, so one long spike counts once). loss [T] -> int64 [events, 2], the first and last step of each."""
     loss = np.asarray(loss, dtype=np.float64)
-    high = np.array([loss[t] > factor * loss[t - window:t].min() for t in range(window, len(loss))], dtype=bool)
-    edges = np.diff(np.concatenate([[0], high.astype(np.int8), [0]]))
+    high = [loss[t] - loss[t - window:t].min() > rise for t in range(window, len(loss))]
+    edges = np.diff(np.concatenate([[0], np.asarray(high, dtype=np.int8), [0]]))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
-    return np.stack([starts + window, ends + window], axis=1).astype(np.int64) if len(starts) else \
-        np.zeros((0, 2), dtype=np.int64)
+    return np.stack([starts, ends], axis=1).astype(np.int64) + window
 
-def top_fraction_share(loss_change, fraction=0.01, members=None):
-    """Share of the total |loss change| carried by the top `fraction` of examples (or by the bool `members` [N]): [...,
-    N] -> [...]. I.i.d. Gaussian changes give about 0.036 for fraction 0.01, Laplace ones 0.056."""
+def top_fraction_share(loss_change, fraction=0.01):
+    """How few examples carry a step: the share of the total |loss change| carried by the top `fraction` of
+    examples, [..., N] -> [...]. I.i.d. Gaussian changes give about 0.036 for fraction 0.01, Laplace ones
+    0.056."""
     magnitude = np.abs(np.asarray(loss_change, dtype=np.float64))
-    if members is not None:
-        return magnitude[..., np.asarray(members, dtype=bool)].sum(-1) / np.maximum(magnitude.sum(-1), 1e-300)
-    top = max(1, int(math.ceil(fraction * magnitude.shape[-1])))
+    top = max(1, math.ceil(fraction * magnitude.shape[-1]))
     return -np.sort(-magnitude, axis=-1)[..., :top].sum(-1) / np.maximum(magnitude.sum(-1), 1e-300)
 
-def spike_tail_ratio(per_example_loss, crossing, count=10, fraction=0.01, members=None):
-    """Heavy tail at the loss spikes: the median `top_fraction_share` of the per-example loss changes over the `count`
-    steps after the crossing where the total loss rises most, over its median at the run's own pre-EoS steps crossing/2
-    .. crossing. per_example_loss [T, N]; nan without a crossing. Needs `top_fraction_share`."""
-    if not math.isfinite(crossing) or crossing < 4:
-        return math.nan
-    losses = np.asarray(per_example_loss, dtype=np.float64)
-    delta, start = np.diff(losses, axis=0), int(math.ceil(crossing))
-    rises = start + np.argsort(-np.diff(losses.mean(1))[start:])[:count]
-    if len(rises) == 0:
-        return math.nan
-    return float(np.median(top_fraction_share(delta[rises], fraction, members))
-                 / np.median(top_fraction_share(delta[start // 2:start], fraction, members)))
-
 def antiphase(series, first, second):
-    """Anti-phase of two groups: the correlation of the step changes of their mean series, corr(diff(mean of series[:,
-    first]), diff(mean of series[:, second])); series [T, N], groups index arrays or bool masks [N]. −1: one rises
-    exactly when the other falls. nan when a group is empty, T < 3 or a series is flat."""
+    """Anti-phase of two groups: the correlation of the step changes of their mean series, corr(diff(mean of
+    series[:, first]), diff(mean of series[:, second])), series [T, N]. Groups are index arrays [m] or bool
+    masks [N]; index arrays [D, m] give D pairs at once -> [D]. −1: one rises exactly when the other falls;
+    nan when a group is empty, T < 3 or a group's mean is flat."""
     values = np.asarray(series, dtype=np.float64)
-    first, second = (np.flatnonzero(g) if np.asarray(g).dtype == bool else np.asarray(g) for g in (first, second))
-    if len(values) < 3 or len(first) == 0 or len(second) == 0:
+    first, second = (np.flatnonzero(g) if np.asarray(g).dtype == bool else np.asarray(g)
+                     for g in (first, second))
+    if len(values) < 3 or first.shape[-1] == 0 or second.shape[-1] == 0:
         return math.nan
-    da, db = np.diff(values[:, first].mean(1)), np.diff(values[:, second].mean(1))
-    return float(np.corrcoef(da, db)[0, 1]) if da.std() > 0 and db.std() > 0 else math.nan
-
-def null_p(observed, null, alternative="less"):
-    """p-value of `observed` against the same statistic on null draws [D]: (1 + #{null as or more extreme}) / (1 +
-    #finite null); "less": as small or smaller, "greater": as large or larger, "two-sided": twice the smaller, at most
-    1. nan, never significant, when observed is nan or no null value is finite."""
-    null = np.asarray(null, dtype=np.float64)
-    null = null[np.isfinite(null)]
-    if not math.isfinite(observed) or len(null) == 0:
-        return math.nan
-    less, greater = [(1 + np.sum(side)) / (1 + len(null)) for side in (null <= observed, null >= observed)]
-    return float({"less": less, "greater": greater, "two-sided": min(1.0, 2 * min(less, greater))}[alternative])
-
-def combined_p(observed, null, alternative="less"):
-    """One test over S selections, observed [S] against null [S, D]: the observed mean over the measurable selections
-    against each draw's mean over the same ones (`null_p`), exchangeable whatever the dependence between selections.
-    Returns (p, observed mean, median null mean, selections used). Needs `null_p`."""
-    observed, null = np.asarray(observed, dtype=np.float64), np.asarray(null, dtype=np.float64).reshape(len(observed), -1)
-    used = np.isfinite(observed) & np.isfinite(null).any(1)
-    if not used.any():
-        return math.nan, math.nan, math.nan, 0
+    da, db = (np.diff(values[:, group].mean(-1), axis=0) for group in (first, second))
+    da, db = da - da.mean(0), db - db.mean(0)
     with np.errstate(all="ignore"):
-        means = np.nanmean(null[used], axis=0)
-    return null_p(observed[used].mean(), means, alternative), float(observed[used].mean()), \
-        float(np.nanmedian(means)), int(used.sum())
-
-def null_false_positive_rate(null, alternative="less", level=0.05):
-    """The false-positive rate of `combined_p` where the null holds by construction: each draw of null [S, D] in turn
-    plays the observation against the other draws (same rule, nothing planted). Returns the fraction with p < level; a
-    calibrated test gives about `level`. Needs `combined_p`."""
-    null = np.asarray(null, dtype=np.float64)
-    p = [combined_p(null[:, d], np.delete(null, d, axis=1), alternative)[0] for d in range(null.shape[1])]
-    return float(np.mean(np.asarray(p) < level)) if null.shape[1] > 1 else math.nan
-
-def pair_statistics(per_example_loss, steps, index, up, null_index, features=None, length=40, gap=2):
-    """Each selection's opposing pair and its null draws, measured after the selection: antiphase (`antiphase` of the up
-    and down groups' losses over steps[s] + gap .. + length) and, given features [N, F], coherence (mean cosine between
-    up and down members' features centred on the mean: large when they share a feature beyond their classes, negative
-    when they carry it with opposite signs). index, up [S, top], null_index [S, D, top]. Returns {name: (observed [S],
-    null [S, D])}, nan where not measurable. Needs `antiphase`."""
-    losses, unit = np.asarray(per_example_loss, dtype=np.float64), None
-    if features is not None:
-        centred = torch.as_tensor(features, dtype=torch.float32).flatten(1)
-        centred = centred - centred.mean(0)
-        unit = (centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-30)).numpy()
-    result = {name: (np.full(len(steps), np.nan), np.full(np.shape(null_index)[:2], np.nan))
-              for name in ["antiphase"] + (["coherence"] if unit is not None else [])}
-    for s, step in enumerate(steps):
-        span = losses[step + gap:step + gap + length]
-        for d, members in enumerate([index[s]] + list(null_index[s])):
-            if members[0] < 0 or up[s].all() or not up[s].any():
-                continue
-            first, second = members[up[s]], members[~up[s]]
-            values = {"antiphase": antiphase(span, first, second) if len(span) >= 10 else math.nan}
-            if unit is not None:
-                values["coherence"] = float((unit[first] @ unit[second].T).mean())
-            for name, value in values.items():
-                result[name][0 if d == 0 else 1][(s,) if d == 0 else (s, d - 1)] = value
-    return result
-
-def pair_contrast(series, first, second, first_pool, second_pool, draws=200, seed=0):
-    """How much more a pair of groups moves in anti-phase than size-matched control pairs from the pools (each draw
-    subsamples a group and its pool to the smaller size): pair, control (medians of `antiphase`), contrast = control −
-    pair (> 0: more opposed), low, high (2.5 and 97.5 percentiles). Needs `antiphase`."""
-    groups = [np.flatnonzero(g) if np.asarray(g).dtype == bool else np.asarray(g)
-              for g in (first, second, first_pool, second_pool)]
-    if min(len(g) for g in groups) == 0:
-        return dict.fromkeys(("pair", "control", "contrast", "low", "high"), math.nan)
-    rng, sizes = np.random.default_rng(seed), [min(len(groups[0]), len(groups[2])), min(len(groups[1]), len(groups[3]))]
-    values = np.array([[antiphase(series, rng.choice(groups[j], sizes[0], replace=False),
-                                  rng.choice(groups[j + 1], sizes[1], replace=False)) for j in (0, 2)]
-                       for _ in range(draws)])
-    (low, high), (pair, control) = np.nanpercentile(values[:, 1] - values[:, 0], [2.5, 97.5]), np.nanmedian(values, 0)
-    return {"pair": float(pair), "control": float(control), "contrast": float(control - pair), "low": float(low),
-            "high": float(high)}
-
-def t_interval(values, level=0.95):
-    """Mean of the finite `values` and its Student t interval mean ± q·sd/√n, q the (1 + level)/2 quantile of t with n −
-    1 degrees of freedom (integrated numerically from its density). Returns (mean, low, high), low and high nan for
-    fewer than 2 values."""
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if len(values) < 2:
-        return (float(values.mean()) if len(values) else math.nan), math.nan, math.nan
-    grid = np.linspace(0, 200, 400001)
-    density = np.exp(torch.distributions.StudentT(float(len(values) - 1)).log_prob(torch.as_tensor(grid)).numpy())
-    cdf = 0.5 + np.concatenate([[0], np.cumsum((density[1:] + density[:-1]) / 2 * (grid[1] - grid[0]))])
-    half = grid[np.searchsorted(cdf, (1 + level) / 2)] * values.std(ddof=1) / math.sqrt(len(values))
-    return float(values.mean()), float(values.mean() - half), float(values.mean() + half)
+        correlation = (da * db).sum(0) / np.sqrt((da ** 2).sum(0) * (db ** 2).sum(0))
+    return float(correlation) if np.ndim(correlation) == 0 else correlation
 
 def matched_examples(values, chosen, labels=None):
-    """A matched control for the examples `chosen`: for each in turn, the example not chosen nor taken (of the same
-    label, given labels [N]) nearest in `values` [N] or [N, F] (columns standardized), without replacement. Returns
-    int64 [len(chosen)], −1 where no candidate is left."""
+    """A matched control for the examples `chosen`: for each in turn, the example neither chosen nor taken (of
+    the same label, given labels [N]) nearest in `values` [N] or [N, F] (columns standardized), without
+    replacement. Returns int64 [len(chosen)], −1 where no candidate is left."""
     values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
     values = (values - values.mean(0)) / np.maximum(values.std(0), 1e-300)
     available, result = np.ones(len(values), dtype=bool), []
     available[np.asarray(chosen)] = False
     for i in chosen:
         candidates = np.flatnonzero(available & (True if labels is None else np.asarray(labels) == labels[i]))
-        result.append(candidates[np.argmin(((values[candidates] - values[i]) ** 2).sum(1))] if len(candidates) else -1)
+        result.append(candidates[np.argmin(((values[candidates] - values[i]) ** 2).sum(1))] if len(candidates)
+                      else -1)
         available[max(result[-1], 0)] &= result[-1] < 0
     return np.asarray(result, dtype=np.int64)
 
-def intervention_endpoints(history, lr, pair, window=50, rate_steps=100):
-    """A causal-test run's endpoints from its history: crossing (`edge_of_stability`) and after (its ceiling; the run's
-    length when never), rate (`sharpening_rate` over 0..rate_steps), antiphase (the pair's mean |Δ(L_first − L_second)|
-    after the crossing), spikes (`loss_spikes` per 100 steps after it), final (last loss), curve (sharpness per step,
-    nan unmeasured). Needs `measured`, `edge_of_stability`, `sharpening_rate`, `loss_spikes`."""
-    steps, sharpness = measured(history, "eigenvalues")
-    crossing = edge_of_stability(steps, sharpness[:, 0], 2 / lr)["crossing"]
-    losses, T = history["per_example_loss"].astype(np.float64), len(history["loss"])
-    after = T if math.isnan(crossing) else int(math.ceil(crossing))
-    gap = losses[after:, pair[0]].mean(1) - losses[after:, pair[1]].mean(1) if T - after > 2 else np.zeros(2)
-    curve = np.full(T, np.nan)
-    curve[steps] = sharpness[:, 0]
-    return {"crossing": crossing, "after": after, "rate": sharpening_rate(steps, sharpness[:, 0], rate_steps),
-            "antiphase": float(np.abs(np.diff(gap)).mean()), "final": float(history["loss"][-1]), "curve": curve,
-            "spikes": 100 * float(np.sum(loss_spikes(history["loss"])[:, 0] >= after)) / max(T - after, 1)}
+def selection_draws(keys, index, pool, draws=1000, seed=0):
+    """Null groups that pass the same selection as the examples `index`: each draw replaces them, key by key (keys
+    [N]: e.g. class and sign of Δℓ), by as many examples of the same key from `pool` (indices: e.g. the next ranks
+    by |Δℓ|, examples that just missed the cut), without replacement unless the key has too few there. Random
+    examples would credit the outliers with what the selection alone gives. Returns int64 [draws, len(index)]
+    mirroring index, all −1 when a key has no example in the pool."""
+    keys, index, pool = np.asarray(keys), np.asarray(index), np.asarray(pool)
+    result, rng = np.full((draws, len(index)), -1, dtype=np.int64), np.random.default_rng(seed)
+    slots = {key: np.flatnonzero(keys[index] == key) for key in np.unique(keys[index])}
+    members = {key: pool[keys[pool] == key] for key in slots}
+    if all(len(members[key]) for key in slots):
+        for row in result:
+            for key, where in slots.items():
+                row[where] = rng.choice(members[key], len(where), replace=len(members[key]) < len(where))
+    return result
 
-# ----------------------------------------------------------------------------- 4. Features the groups share
+# ------------------------------------------------------------ 4. Features the groups share
 #
-# A pixel rule defines the sky groups (they come from the images, not the network); synthetic images plant the feature
-# where we control it; uniform probes show how the network uses the colour itself.
+# A pixel rule defines the sky groups: they come from the images, not from the network. Planted, pasted and
+# swapped backgrounds put the feature where we control it; uniform colour probes show how the network uses the
+# colour itself; Gaussian and Markov surrogates keep the data's class statistics and drop every shared
+# feature, the null world.
 
 def sky_pixels(images):
-    """The sky rule per pixel, blue-dominant and not dark: B > R + 10, B >= G and B > 80 (0..255). images uint8 [N, H,
-    W, 3] -> bool [N, H, W]."""
-    pixels = images.to(torch.int32)
-    red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    """The sky rule per pixel, blue-dominant and not dark: B > R + 10, B >= G and B > 80 (0..255). images
+    uint8 [N, H, W, 3] -> bool [N, H, W]."""
+    red, green, blue = images.to(torch.int32).unbind(-1)
     return (blue > red + 10) & (blue >= green) & (blue > 80)
 
 def sky_groups(images, sky_at=0.7, clear_below=0.1, flat_below=20.0, rows=0.25):
-    """Images with a sky background (>= sky_at of the top `rows` are `sky_pixels`) and images clearly without (<=
-    clear_below, and a top with luminance std >= flat_below, so grey and flat backgrounds stay out of the control);
-    ambiguous images are in neither. Returns (sky, no_sky) bool [N]. Needs `sky_pixels`."""
-    top = images[:, :max(1, int(round(rows * images.shape[1])))]
+    """Images with a sky background (>= sky_at of the top `rows` are `sky_pixels`) and images clearly without
+    (<= clear_below, and a top whose luminance std is >= flat_below, so that grey and flat backgrounds stay
+    out of the control); ambiguous images are in neither. Returns (sky, no_sky) bool [N]. Needs `sky_pixels`.
+    """
+    top = images[:, :max(1, round(rows * images.shape[1]))]
     fraction = sky_pixels(top).flatten(1).float().mean(1)
     luminance_std = (top.float() @ torch.tensor([0.299, 0.587, 0.114])).flatten(1).std(1)
     return fraction >= sky_at, (fraction <= clear_below) & (luminance_std >= flat_below)
 
 def sky_pair(labels, sky, no_sky, first=(0,), second=(2, 8)):
-    """The sky pair and its controls, bool [N] each: sky images of the `first` classes (CIFAR-10: airplanes) and of the
-    `second` (birds and ships), then the clearly-no-sky images of the same classes (`sky_groups`)."""
+    """The sky pair and its controls, bool [N] each: sky images of the `first` classes (CIFAR-10: airplanes)
+    and of the `second` (birds and ships), then the clearly-no-sky images of the same classes (`sky_groups`).
+    """
     a, b = np.isin(labels, first), np.isin(labels, second)
     return sky & a, sky & b, no_sky & a, no_sky & b
 
 def make_planted_images(n=1000, num_classes=10, image_size=32, planted_classes=(0, 2), planted_fraction=0.25,
                         planted_strength=1.0, class_signal=5.0, noise=60.0, seed=0):
-    """Synthetic images with a planted pair of opposing signals: class c is 128 + class_signal·T_c + noise·z (T_c a
-    smooth random pattern, z Gaussian; class_signal 5 against noise 60 is weak evidence, 30 easy). A `planted_fraction`
-    of each of the two `planted_classes` gets a sky-blue border (RGB 80, 150, 255 plus noise) blended in with weight
-    planted_strength: on both classes, so it carries no label information, large and rare. Returns images uint8 [n, H,
-    W, 3], labels [n] and planted [n] (0: none; 1, 2: on planted_classes[0], [1])."""
+    """Synthetic images with a planted pair of opposing signals: class c is 128 + class_signal·T_c + noise·z
+    (T_c a smooth random pattern, z Gaussian; class_signal 5 against noise 60 is weak evidence, 30 easy). A
+    `planted_fraction` of each of the `planted_classes` gets a sky-blue border (RGB 80, 150, 255 plus noise)
+    blended in with weight planted_strength: large, rare, and on two classes it carries no label information;
+    on one class it does. Returns images uint8 [n, H, W, 3], labels [n] and planted [n] (0: none; k: on
+    planted_classes[k − 1])."""
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.randn(num_classes, 3, 4, 4, generator=generator)
     templates = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False)
     templates = templates / templates.flatten(1).std(dim=1).view(-1, 1, 1, 1)
-    labels = torch.arange(n) % num_classes
-    labels = labels[torch.randperm(n, generator=generator)]
+    labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=generator)]
     z = torch.randn(n, 3, image_size, image_size, generator=generator)
     images, planted = 128 + class_signal * templates[labels] + noise * z, torch.zeros(n, dtype=torch.int64)
     for group, cls in enumerate(planted_classes, start=1):
@@ -827,137 +673,140 @@ def make_planted_images(n=1000, num_classes=10, image_size=32, planted_classes=(
     images[planted > 0] = torch.where(border, blended, images[planted > 0])
     return images.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous(), labels, planted
 
-def recolour(images, masks):
-    """Copies of images uint8 [N, H, W, 3] whose masks [N, H, W] pixels take the mean colour of the image's other
-    pixels, and the fraction changed per image [N] (a no-op cannot pass unseen)."""
-    images, masks = images.clone(), torch.as_tensor(masks, dtype=torch.bool)
-    for image, mask in zip(images, masks):
-        if mask.any() and (~mask).any():
-            image[mask] = image[~mask].float().mean(0).round().to(torch.uint8)
-    changed = masks & ~(masks.flatten(1).all(1) | ~masks.flatten(1).any(1)).view(-1, 1, 1)
-    return images, changed.flatten(1).float().mean(1)
+def background_swap(images, masks, donors):
+    """Copies of images uint8 [N, H, W, 3] in which every image i with donors[i] >= 0 takes, at the pixels of
+    masks[i] [H, W], the pixels of image donors[i] at the same places: a sky replaced by another photograph's
+    texture, luminance and spectrum, not by a flat colour (which would itself be a large shared feature)."""
+    swapped, masks = images.clone(), torch.as_tensor(masks, dtype=torch.bool)
+    for i in np.flatnonzero(np.asarray(donors) >= 0):
+        swapped[i][masks[i]] = images[donors[i]][masks[i]]
+    return swapped
 
 def paste_top(images, rgb, rows=0.25, members=None):
-    """Copies of `images` whose top `rows` of rows is the uniform colour `rgb` (0..255; None: unchanged), on every image
-    or on the `members` (indices): the sky rule in reverse."""
-    images, members = images.clone(), slice(None) if members is None else torch.as_tensor(members, dtype=torch.long)
-    if rgb is not None:
-        images[members, :max(1, int(round(rows * images.shape[1])))] = torch.tensor(rgb).round().to(torch.uint8)
+    """Copies of `images` whose top `rows` of rows is the uniform colour `rgb` (0..255), on every image or on
+    the `members` (indices): the sky rule in reverse."""
+    images, members = images.clone(), slice(None) if members is None else torch.as_tensor(members).long()
+    images[members, :max(1, round(rows * images.shape[1]))] = torch.tensor(rgb).round().to(torch.uint8)
     return images
 
 def uniform_probe(rgb, mean, std, size=32):
-    """A uniform image of colour `rgb` (0..255) normalized like the training data (mean, std from `normalize`): float32
-    [1, 3, size, size]."""
+    """A uniform image of colour `rgb` (0..255) normalized like the training data (mean, std [3] from
+    `normalize`): float32 [1, 3, size, size]."""
     colour = torch.as_tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).round() / 255
     return ((colour - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).expand(1, 3, size, size).contiguous()
 
-def orthogonal_probe(probe):
-    """The control of a uniform probe [1, 3, H, W] in normalized input space: a uniform image of the same norm whose
-    channel vector c' ∝ c × (1, 1, 1) is orthogonal to the probe's c and to the grey axis: another hue, no change of
-    brightness."""
-    colour = probe[0, :, 0, 0]
-    other = torch.linalg.cross(colour, torch.ones(3, dtype=colour.dtype))
-    return (other * colour.norm() / other.norm().clamp_min(1e-30)).view(1, 3, 1, 1).expand_as(probe).contiguous()
-
-def probe_swing(outputs, classes, probe=0, controls=(1, 3)):
-    """How much a probe's output on `classes` moves from step to step against control probes: mean |Δ| of the mean over
-    `classes` of outputs [T, P, C] for the probe, over the largest of the controls' (grey, `orthogonal_probe`)."""
-    swing = np.abs(np.diff(np.asarray(outputs)[:, :, list(classes)].mean(-1), axis=0)).mean(0)
-    return float(swing[probe] / np.max(swing[list(controls)]))
-
-def probe_tracking(outputs, losses, labels, sky, no_sky, classes, probe=0, control=3):
-    """Does the probe follow the feature? |corr| of the step changes of the probe's mean output on `classes` (outputs
-    [T, P, C]) with those of L(sky members of classes) − L(no-sky members) (losses [T, N]), minus the same for the
-    control probe. Needs `antiphase`."""
-    members = np.isin(labels, classes)
-    difference = losses[:, sky & members].mean(1) - losses[:, no_sky & members].mean(1)
-    series = np.column_stack([np.asarray(outputs)[:, [probe, control]][:, :, list(classes)].mean(-1), difference])
-    return abs(antiphase(series, [0], [2])) - abs(antiphase(series, [1], [2]))
-
-def paste_swing(shift, crossing, span=50, controls=(1, 2, 3)):
-    """log of how much more the sky paste's effect (shift [T, P], column 0) swings per step in the `span` steps after
-    the crossing than before, minus the same for the largest control paste; nan without a crossing."""
-    if not math.isfinite(crossing):
-        return math.nan
-    c, change = int(round(crossing)), np.abs(np.diff(np.asarray(shift, dtype=np.float64), axis=0))
-    ratio = change[c:c + span].mean(0) / np.maximum(change[max(c - span, 0):c].mean(0), 1e-300)
-    return float(np.log(ratio[0]) - np.log(np.max(ratio[list(controls)])))
+def matched_probe(probe, x):
+    """The control of a uniform probe [1, 3, H, W] in normalized input space: a uniform image whose channel
+    vector c' has the probe's norm |c| and the same data variance c'ᵀ M c' = cᵀ M c (M [3, 3], the covariance
+    over the images x [N, 3, H, W] of their per-channel sums, so that cᵀ M c is the data's variance along the
+    probe), and is as nearly orthogonal to c as that allows: another hue that the images vary along as much,
+    not the sky axis's other end."""
+    c, sums = probe[0, :, 0, 0].double(), x.double().sum((2, 3))
+    M = torch.cov(sums.T)
+    u = torch.randn(20000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u = u / u.norm(dim=1, keepdim=True) * c.norm()
+    variance = ((u @ M) * u).sum(1)
+    target = c @ M @ c
+    ok = (variance - target).abs() <= 0.01 * target
+    cosine = (u @ c).abs() / c.norm() ** 2 + 2.0 * ~ok          # far from the sky axis, among the matched
+    return u[cosine.argmin()].to(probe.dtype).view(1, 3, 1, 1).expand_as(probe).contiguous()
 
 def token_features(x, y, vocabulary):
-    """Named features of every token example (sequence i, position t), flat over B·T: its target character ("target
-    'e'") and its input, the previous character ("after ' '"). Returns (names [F], bool masks [F, B·T])."""
+    """Named features of every token example (sequence i, position t), flat over B·T: its target character
+    ("target 'e'") and its input, the previous character ("after ' '"). Returns (names [F], bool masks [F,
+    B·T]): the masks' columns are each example's one-hot character pair."""
     inputs, targets = x.reshape(-1).numpy(), y.reshape(-1).numpy()
     names = [f"target {vocabulary[c]!r}" for c in np.unique(targets)] + [f"after {vocabulary[c]!r}"
                                                                           for c in np.unique(inputs)]
-    return names, np.stack([targets == c for c in np.unique(targets)] + [inputs == c for c in np.unique(inputs)])
+    masks = [targets == c for c in np.unique(targets)] + [inputs == c for c in np.unique(inputs)]
+    return names, np.stack(masks)
 
-def feature_shares(features, index, loss_change):
-    """Which features the outliers carry: each feature's (bool masks [F, N], e.g. "target ' '") share of the outliers'
-    summed |Δℓ| over the selections (index, loss_change [S, top]) and its base rate. Returns ([F], [F])."""
-    mass = np.zeros(features.shape[1])
-    np.add.at(mass, np.asarray(index).reshape(-1), np.abs(np.asarray(loss_change, dtype=np.float64)).reshape(-1))
-    return features @ mass / max(mass.sum(), 1e-300), features.mean(1)
+def unit_features(features):
+    """Each example's features [N, ...] (pixels, or a token's one-hot characters) centred on their mean over
+    the examples and scaled to unit length: float32 [N, D], so that a dot product is a cosine beyond the
+    average example."""
+    centred = torch.as_tensor(np.asarray(features), dtype=torch.float32).flatten(1)
+    centred = centred - centred.mean(0)
+    return (centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-30)).numpy()
 
-def top_feature(features, index, loss_change, min_base=0.01):
-    """The feature the outliers carry most over its base rate (`feature_shares`; base rate >= min_base). Returns (its
-    index, that ratio). Needs `feature_shares`."""
-    share, base = feature_shares(features, index, loss_change)
-    ratio = np.where(base >= min_base, share / np.maximum(base, 1e-300), -np.inf)
-    return int(np.argmax(ratio)), float(np.max(ratio))
+def gaussian_surrogate(images, labels, components=300, seed=0):
+    """The images with their second-order statistics and nothing else: image i is its class's mean plus a
+    Gaussian draw with the within-class covariance (pooled over classes) on its top `components` principal
+    components and an isotropic rest (the mean of the remaining eigenvalues), clipped to 0..255. No rare
+    subgroup and no shared feature beyond the class means: the null world that calibrates every selection
+    statistic. uint8 [N, H, W, 3] -> the same."""
+    x, labels = images.reshape(len(images), -1).double(), torch.as_tensor(labels)
+    means = torch.zeros(int(labels.max()) + 1, x.shape[1], dtype=torch.float64).index_add_(0, labels, x)
+    means = means / torch.bincount(labels, minlength=len(means)).clamp_min(1)[:, None].double()
+    _, singular, basis = torch.linalg.svd(x - means[labels], full_matrices=False)
+    k, variances = min(components, len(singular)), singular ** 2 / len(x)
+    rest = variances[k:].sum() / max(x.shape[1] - k, 1)
+    generator = torch.Generator().manual_seed(seed)
+    draw = torch.randn(len(x), k, generator=generator, dtype=torch.float64) * variances[:k].sqrt() @ basis[:k]
+    noise = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    draw = draw + rest.sqrt() * (noise - noise @ basis[:k].T @ basis[:k])
+    return (means[labels] + draw).clamp(0, 255).round().to(torch.uint8).view_as(images)
 
-def feature_pair(features, names, index, loss_change, min_base=0.01):
-    """A text pair like sky airplanes against sky birds and ships: in the context ("after c", base >= min_base) carrying
-    the most outlier |Δℓ|, its top target against all others; controls: the same targets elsewhere. Returns
-    `pair_contrast`'s four masks [N] and a description. Needs `feature_shares`."""
-    share, base = feature_shares(features, index, loss_change)
-    context = max((i for i, name in enumerate(names) if str(name).startswith("after") and base[i] >= min_base),
-                  key=lambda i: share[i])
-    mass = np.zeros(features.shape[1])
-    np.add.at(mass, np.asarray(index).reshape(-1), np.abs(np.asarray(loss_change, dtype=np.float64)).reshape(-1))
-    target = max((i for i, name in enumerate(names) if str(name).startswith("target")),
-                 key=lambda i: mass[features[i] & features[context]].sum())
-    inside, main = features[context], features[target]
-    return inside & main, inside & ~main, ~inside & main, ~inside & ~main, f"{names[target]} vs others, {names[context]}"
+def markov_surrogate(tokens, n, length, seed=0):
+    """n character sequences [n, length] with the corpus's unigram and bigram statistics and nothing
+    longer-range: a Markov chain whose transitions are the bigram frequencies of `tokens` [L], started from
+    the unigram ones."""
+    vocabulary = int(tokens.max()) + 1
+    unigram = torch.bincount(tokens, minlength=vocabulary).double()
+    bigram = torch.zeros(vocabulary, vocabulary, dtype=torch.float64).index_put_(
+        (tokens[:-1], tokens[1:]), torch.ones(len(tokens) - 1, dtype=torch.float64), accumulate=True)
+    bigram[bigram.sum(1) == 0] = unigram                     # a character seen only at the very end
+    generator = torch.Generator().manual_seed(seed)
+    sequences = [torch.multinomial(unigram.expand(n, -1), 1, generator=generator)]
+    for _ in range(length - 1):
+        sequences.append(torch.multinomial(bigram[sequences[-1][:, 0]], 1, generator=generator))
+    return torch.cat(sequences, dim=1)
 
-# ----------------------------------------------------------------------------- 5. Two-layer linear model
+# ------------------------------------------------------------ 5. Two-layer linear model
 #
-# OUR RECONSTRUCTION of the paper's two-layer linear model of opposing signals (its text is not available to us),
-# derived from first principles and checked against simulation. f(x) = bᵀA x, A [h, d], b [h]; w = Aᵀb;
-# L = (1/N) Σ_i ½ (f(x_i) − y_i)², r_i = f(x_i) − y_i, Σ = (1/N) Σ_i x_i x_iᵀ, g = ∇_w L = (1/N) Σ_i r_i x_i.
+# OUR RECONSTRUCTION of the paper's two-layer linear model of opposing signals (its text is not available to
+# us), derived from first principles and checked against simulation. f(x) = bᵀA x, A [h, d], b [h], w = Aᵀb; L
+# = (1/N) Σ_i ½ (f(x_i) − y_i)², r_i = f(x_i) − y_i, Σ = (1/N) Σ_i x_i x_iᵀ, g = ∇_w L = (1/N) Σ_i r_i x_i.
 #
 # Hessian. Along (Ȧ, ḃ) the output moves by ḟ_i = ẇᵀx_i with ẇ = Ȧᵀb + Aᵀḃ, and f̈_i = 2 ḃᵀȦ x_i, so
-#     (Ȧ, ḃ)ᵀ H (Ȧ, ḃ) = ẇᵀ Σ ẇ + 2 ḃᵀȦ g        (Gauss-Newton + residual term, the latter of eigenvalues ±|g|).
-# Data (`make_opposing_signal_data`): x = (x_o, x_g) with Σ = diag(p α², scales²) exactly, p the fraction that
-# carries the opposing feature x_o = ±α. Along θ_o = (b e_oᵀ, a)/√S, a = A e_o, S = |a|² + |b|², with the opposing
-# weight w_o = aᵀb and g_o = p α² w_o:   θ_oᵀ H θ_o = p α² S + |Σ_g^½ A_gᵀ a|² / S + 2 p α² w_o² / S.
-# x_o carries no signal (its best weight is 0) and its gradient ∇_a L = p α² w_o b only ever shrinks w_o, so |a|
-# stays at its initial scale and the last two terms are small: when p α² exceeds the genuine scales, θ_o is the top
-# eigenvector and the sharpness is ≈ p α² (|b|² + |A e_o|²) ≈ p α² |b|². Depth makes it grow: under gradient flow
-# AAᵀ − bbᵀ is conserved, so from a small init A ≈ b uᵀ, w = |b|² u and |b|² = |w|: the sharpness grows with the
-# learned genuine signal up to p α² |β| (progressive sharpening by depth acting on the large feature).
+#     (Ȧ, ḃ)ᵀ H (Ȧ, ḃ) = ẇᵀ Σ ẇ + 2 ḃᵀȦ g        (Gauss-Newton + residual term, of eigenvalues ±|g|).
+# Data (`make_opposing_signal_data`): x = (x_o, x_g) with Σ = diag(p α², scales²) exactly, p the fraction of
+# examples carrying the opposing feature x_o = ±α. Along θ_o = (b e_oᵀ, a)/√S, a = A e_o, S = |a|² + |b|²,
+# with the opposing weight w_o = aᵀb and g_o = p α² w_o:   θ_oᵀ H θ_o = p α² S + |Σ_g^½ A_gᵀ a|² / S + 2 p α²
+# w_o² / S. x_o carries no signal (its best weight is 0) and its gradient ∇_a L = p α² w_o b only ever shrinks
+# w_o, so |a| stays at its initial scale and the last two terms are small: when p α² exceeds the genuine
+# scales, θ_o is the top eigenvector and the sharpness is ≈ p α² (|b|² + |A e_o|²) ≈ p α² |b|². Depth makes it
+# grow: under gradient flow AAᵀ − bbᵀ is conserved, so from a small init A ≈ b uᵀ, w = |b|² u and |b|² = |w|:
+# the sharpness grows with the learned genuine signal up to p α² |β| (progressive sharpening: depth acting on
+# a large, useless feature).
 #
-# Edge of stability. Where the genuine part is fit, one GD step of size η moves only the opposing block, exactly
+# Edge of stability. Where the genuine part is fit, one GD step of size η moves only the opposing block,
+# exactly
 #     w_o -> (1 − η λ + (η p α² w_o)²) w_o,     S -> S − η p α² w_o² (4 − η λ),     λ = p α² S.
 # Once λ > 2/η the opposing weight flips sign every step and grows by |1 − η λ|; the groups s = ±1 see their
-# outputs shifted by ±α w_o, so their losses alternate (L+ − L− = −2 α offset w_o exactly); and for 2 < η λ < 4 the
-# oscillation shrinks S by an amount ∝ w_o², so the sharpness falls back towards 2/η (self-stabilization).
+# outputs shifted by ±α w_o, so their losses alternate (L+ − L− = −2 α offset w_o exactly); and for 2 < η λ <
+# 4 the oscillation shrinks S by an amount ∝ w_o², so the sharpness falls back towards 2/η
+# (self-stabilization).
 
-def make_opposing_signal_data(n_pairs=200, n_plain=800, alpha=7.0, scales=(1.0, 0.7, 0.5, 0.35, 0.25), beta=None,
-                              offset=0.5, seed=0, dtype=torch.float64):
-    """Regression data with one large, rare feature that opposes itself (OUR RECONSTRUCTION). x = (x_o, x_g) [N, 1 + k]:
-    genuine x_g whitened to second moment exactly diag(scales²) on both kinds of example (the identities hold over the
-    data); x_o = α s, each of n_pairs signal-bearing x_g with s = +1 and with s = −1, the n_plain others s = 0, so
-    E[x_o] = E[x_o x_g] = E[x_o y] = 0 and E[x_o²] = p α², p = 2 n_pairs / N. y = βᵀx_g + offset·|s|: the shared offset
-    depends on |x_o| only, which no linear function fits, so a weight on x_o helps one group and hurts the other (a ReLU
-    network can compute |x_o|). Returns x, y, sign [N]."""
+def make_opposing_signal_data(n_pairs=200, n_plain=800, alpha=7.0, scales=(1.0, 0.7, 0.5, 0.35, 0.25),
+                              beta=None, offset=0.5, seed=0, dtype=torch.float64):
+    """Regression data with one large, rare feature that opposes itself (OUR RECONSTRUCTION). x = (x_o, x_g)
+    [N, 1 + k]: genuine features x_g whitened to a second moment of exactly diag(scales²) on both kinds of
+    example (the identities hold over the data); x_o = α s, with s = +1 and s = −1 on each of n_pairs
+    signal-bearing x_g and s = 0 on the n_plain others, so E[x_o] = E[x_o x_g] = E[x_o y] = 0 and E[x_o²] = p
+    α², p = 2 n_pairs / N. y = βᵀx_g + offset·|s|: the offset depends on |x_o| only, which no linear function
+    fits, so a weight on x_o helps one group and hurts the other (a ReLU network can compute |x_o|). Returns
+    x, y, sign [N]."""
     generator = torch.Generator().manual_seed(seed)
     scales = torch.as_tensor(scales, dtype=torch.float64)
-    beta = torch.ones(len(scales), dtype=torch.float64) if beta is None else torch.as_tensor(beta, dtype=torch.float64)
+    beta = torch.ones(len(scales)) if beta is None else torch.as_tensor(beta)
+    beta = beta.to(torch.float64)
+
     def whitened(n):
         z = torch.randn(n, len(scales), generator=generator, dtype=torch.float64)
         z = z - z.mean(0)
-        cholesky = torch.linalg.cholesky(z.T @ z / n)
-        return torch.linalg.solve_triangular(cholesky, z.T, upper=False).T * scales
+        return torch.linalg.solve_triangular(torch.linalg.cholesky(z.T @ z / n), z.T, upper=False).T * scales
+
     signal_features, plain_features = whitened(n_pairs), whitened(n_plain)
     genuine = torch.cat([signal_features, signal_features, plain_features])
     sign = torch.cat([torch.ones(n_pairs), -torch.ones(n_pairs), torch.zeros(n_plain)]).to(torch.int64)
@@ -965,8 +814,9 @@ def make_opposing_signal_data(n_pairs=200, n_plain=800, alpha=7.0, scales=(1.0, 
     return x.to(dtype), (genuine @ beta + offset * sign.abs().to(torch.float64)).to(dtype), sign
 
 class TwoLayerLinear(nn.Module):
-    """f(x) = bᵀ A x, A [width, in_features], b [width]; forward returns [B, 1]. Both factors start i.i.d. N(0,
-    init_scale²) (seeded): small and nearly balanced, so the net learns its target's directions one at a time."""
+    """f(x) = bᵀ A x, A [width, in_features], b [width]; forward returns [B, 1]. Both factors start i.i.d.
+    N(0, init_scale²) (seeded): small and nearly balanced, so the net learns its target's directions one at a
+    time."""
 
     def __init__(self, in_features, width=10, init_scale=0.01, seed=0, dtype=torch.float64):
         super().__init__()
@@ -987,17 +837,18 @@ def opposing_weight(model, feature=0):
         return float(model.A[:, feature] @ model.b)
 
 def predicted_sharpness(model, signal_moment, feature=0):
-    """Our prediction of a TwoLayerLinear's top Hessian eigenvalue, E[x_o²] (|A e_o|² + |b|²) with signal_moment =
-    E[x_o²] (p α²): the Gauss-Newton curvature along θ_o, the sharpness when E[x_o²] dominates the genuine second
-    moments and the residual term (|∇_w L|) is smaller (derivation above)."""
+    """Our prediction of a TwoLayerLinear's top Hessian eigenvalue, E[x_o²] (|A e_o|² + |b|²) with
+    signal_moment = E[x_o²] = p α²: the Gauss-Newton curvature along θ_o, the sharpness when E[x_o²] dominates
+    the genuine second moments and the residual term (|∇_w L|) is smaller (derivation above)."""
     with torch.no_grad():
         a, b = model.A[:, feature], model.b
         return float(signal_moment * (a @ a + b @ b))
 
 def opposing_rayleigh_quotient(model, x, y, feature=0):
-    """The exact curvature of a TwoLayerLinear's mean squared error along the opposing direction θ_o = (b e_oᵀ, A
-    e_o)/√S: with Σ = xᵀx/N, g = xᵀr/N and ẇ = (|b|² e_o + Aᵀ A e_o)/√S, θ_oᵀ H θ_o = ẇᵀ Σ ẇ + 2 w_o g_o / S, both terms
-    of the derivation with nothing dropped. A lower bound on the sharpness, tight when θ_o is on top."""
+    """The exact curvature of a TwoLayerLinear's mean squared error along the opposing direction θ_o = (b
+    e_oᵀ, A e_o)/√S: with Σ = xᵀx/N, g = xᵀr/N and ẇ = (|b|² e_o + Aᵀ A e_o)/√S, θ_oᵀ H θ_o = ẇᵀ Σ ẇ + 2 w_o
+    g_o / S, both terms of the derivation with nothing dropped. A lower bound on the sharpness, tight when θ_o
+    is on top."""
     with torch.no_grad():
         a, b = model.A[:, feature], model.b
         norm_sq = a @ a + b @ b
@@ -1007,74 +858,39 @@ def opposing_rayleigh_quotient(model, x, y, feature=0):
         return float(w_dot @ (x.T @ x / len(x)) @ w_dot + 2 * (a @ b) * gradient[feature] / norm_sq)
 
 def linear_state(model, x, y, sign, feature=0):
-    """What the derivation predicts and needs for a TwoLayerLinear with groups sign [N]: opposing_weight, prediction,
-    rayleigh_quotient, loss_plus, loss_minus, b_norm_sq, genuine_norm = |A_gᵀb|, residual_term_norm = |∇_w L|. Needs
-    `opposing_weight`, `predicted_sharpness`, `opposing_rayleigh_quotient`, `regression_loss`."""
+    """What the derivation predicts and needs for a TwoLayerLinear with groups sign [N]: opposing_weight,
+    prediction, rayleigh_quotient, loss_plus, loss_minus, b_norm_sq, genuine_norm = |A_gᵀb|,
+    residual_term_norm = |∇_w L|. Needs `opposing_weight`, `predicted_sharpness`,
+    `opposing_rayleigh_quotient`, `regression_loss`."""
     with torch.no_grad():
         losses, keep = regression_loss(model(x), y), torch.arange(x.shape[1]) != feature
-        return {"opposing_weight": opposing_weight(model, feature), "rayleigh_quotient":
-                opposing_rayleigh_quotient(model, x, y, feature), "prediction": predicted_sharpness(
-                    model, float((x[:, feature] ** 2).mean()), feature), "loss_plus": float(losses[sign > 0].mean()),
-                "loss_minus": float(losses[sign < 0].mean()), "b_norm_sq": float(model.b @ model.b),
+        return {"opposing_weight": opposing_weight(model, feature),
+                "prediction": predicted_sharpness(model, float((x[:, feature] ** 2).mean()), feature),
+                "rayleigh_quotient": opposing_rayleigh_quotient(model, x, y, feature),
+                "loss_plus": float(losses[sign > 0].mean()), "loss_minus": float(losses[sign < 0].mean()),
+                "b_norm_sq": float(model.b @ model.b),
                 "genuine_norm": float((model.A[:, keep].T @ model.b).norm()),
                 "residual_term_norm": float(((model(x)[:, 0] - y) @ x / len(x)).norm())}
 
-def oscillation_episode(group_loss_plus, group_loss_minus, sharpness, threshold, rel_gap=0.1):
-    """The steps of an edge-of-stability episode, where the two groups' losses visibly split: from the first step with
-    sharpness >= threshold (2/lr), those with |L+ − L−| >= rel_gap·(L+ + L−)/2. Arrays [T] -> bool [T]."""
-    plus, minus, sharpness = (np.asarray(v, dtype=np.float64) for v in (group_loss_plus, group_loss_minus, sharpness))
-    crossed, mask = np.flatnonzero(sharpness >= threshold), np.zeros(len(plus), dtype=bool)
-    if len(crossed):
-        mask[crossed[0]:] = (np.abs(plus - minus) >= rel_gap * (plus + minus) / 2)[crossed[0]:]
-    return mask
-
-def period_two_fraction(values):
-    """Fraction of consecutive triples that alternate in sign, mean of [v_t v_{t+1} < 0 and v_{t+1} v_{t+2} < 0]: a
-    drift through zero flips once, the period-2 oscillation of GD along a direction with η λ > 1 flips every step.
-    values [T] -> float (nan for T < 3)."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) < 3:
-        return float("nan")
-    flips = values[1:] * values[:-1] < 0
-    return float(np.mean(flips[1:] & flips[:-1]))
-
-def consecutive_sign_changes(values, mask):
-    """Among consecutive steps (t, t+1) both inside `mask`, the fraction where `values` changes sign: values, mask [T]
-    -> (fraction, number of pairs); nan with no pairs."""
-    values, mask = np.asarray(values, dtype=np.float64), np.asarray(mask, dtype=bool)
-    pairs = mask[1:] & mask[:-1]
-    if not pairs.any():
-        return float("nan"), 0
-    return float(np.mean((values[1:] * values[:-1] < 0)[pairs])), int(pairs.sum())
-
-def flip_growth(opposing_weight, sharpness, lr, episode):
-    """How fast the opposing weight grows once it flips, against the derivation's |1 − lr·λ| per step: the median over
-    the first stretch of the `episode` (bool [T]), up to its largest swing, of |w_o(t+1)/w_o(t)| / |1 − lr·λ_t| (1: the
-    predicted rate). opposing_weight, sharpness [T]; nan without an episode."""
-    if not np.any(episode):
-        return math.nan
-    start = int(np.argmax(episode))
-    stop = start + int(np.argmin(episode[start:])) if not np.all(episode[start:]) else len(episode)
-    w, steps = np.asarray(opposing_weight), np.arange(start, start + int(np.argmax(np.abs(opposing_weight[start:stop]))))
-    return float(np.median(np.abs(w[steps + 1] / w[steps]) / np.abs(1 - lr * np.asarray(sharpness)[steps])))
-
-# ----------------------------------------------------------------------------- 6. Toy network
+# ------------------------------------------------------------ 6. Toy network
 #
-# OUR RECONSTRUCTION of the paper's toy example, on the data of section 5 (a rare x_0 = ±α, no information in its
-# sign, a target offset on |x_0|). A one-hidden-layer ReLU network f(x) = vᵀ relu(U x + c) + c_2 starts with every
-# unit active on both signs of x_0 (small U, positive c), i.e. linear in x_0, and can use x_0 only through its odd
-# part f(α e_0) − f(−α e_0) until units gate off for one sign. Along U's x_0 column the Gauss-Newton curvature is
-# δuᵀ M δu, M_jk = (1/N) Σ_i x_{i,0}² v_j v_k 1[j active on x_i] 1[k active on x_i], = p α² v vᵀ while units see
-# both signs: the linear model's p α² |b|² with b = v. So the same depth effect sharpens the network as it learns,
-# and at 2/lr its output on a pure-x_0 probe oscillates with period 2. Under squared error this curvature stays while
-# units see both signs; under two-class cross-entropy each example's curvature is weighted by p_i(1 − p_i), so once
-# the network computes |x_0| and fits the outliers with growing margins, the sharpness falls below 2/lr.
+# OUR RECONSTRUCTION of the paper's toy example, on the data of section 5 (a rare x_0 = ±α, no information in
+# its sign, a target offset on |x_0|). A one-hidden-layer ReLU network f(x) = vᵀ relu(U x + c) + c_2 starts
+# with every unit active on both signs of x_0 (small U, positive c), i.e. linear in x_0, and can use x_0 only
+# through its odd part f(α e_0) − f(−α e_0) until units gate off for one sign. Along U's x_0 column the
+# Gauss-Newton curvature is δuᵀ M δu, M_jk = (1/N) Σ_i x_{i,0}² v_j v_k 1[j active on x_i] 1[k active on x_i],
+# = p α² v vᵀ while units see both signs: the linear model's p α² |b|² with b = v. So the same depth effect
+# sharpens the network as it learns, and at 2/lr its output on a pure-x_0 probe oscillates with period 2.
+# Under squared error this curvature stays while units see both signs; under two-class cross-entropy each
+# example's curvature is weighted by p_i(1 − p_i), so once the network computes |x_0| and fits the outliers
+# with growing margins, the sharpness falls below 2/lr.
 
 def make_toy_network(in_features, width=16, weight_scale=0.05, output_scale=0.1, hidden_bias=0.7, seed=0,
                      num_outputs=1, dtype=torch.float64):
-    """nn.Sequential(Linear, ReLU, Linear) that starts linear in the opposing input: default init, first layer times
-    weight_scale and output times output_scale (small: features learned progressively), hidden biases hidden_bias > 0
-    (every unit active on both signs of x_0), output biases 0; num_outputs 1 (MSE) or 2 (CE)."""
+    """nn.Sequential(Linear, ReLU, Linear) that starts linear in the opposing input: default init, first layer
+    times weight_scale and output times output_scale (small: features are learned progressively), hidden
+    biases hidden_bias > 0 (every unit active on both signs of x_0), output biases 0; num_outputs 1 (MSE) or 2
+    (CE)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, num_outputs)).to(dtype)
     with torch.no_grad():
@@ -1085,77 +901,68 @@ def make_toy_network(in_features, width=16, weight_scale=0.05, output_scale=0.1,
     return model
 
 def opposing_probes(alpha, in_features, points=41, span=2.0, dtype=torch.float64):
-    """Pure-x_0 probes: x_0 on a grid of `points` values in [−span α, span α] (by α/10 by default, so −α, 0 and α lie on
-    it), all other inputs 0. Returns probes [points, in_features] and the grid [points]."""
+    """Pure-x_0 probes: x_0 on a grid of `points` values in [−span α, span α] (by α/10 by default, so that −α,
+    0 and α lie on it), all other inputs 0. Returns probes [points, in_features] and the grid [points]."""
     grid = alpha * torch.linspace(-span, span, points, dtype=dtype)
     probes = torch.zeros(points, in_features, dtype=dtype)
     probes[:, 0] = grid
     return probes, grid
 
 def odd_even_parts(probe_outputs, grid, alpha):
-    """The network's use of x_0 from its outputs on `opposing_probes` [T, P] (grid [P]): with f± = f(±α e_0) and f0 =
-    f(0), odd = (f+ − f−)/2, the part that flips with the sign of x_0 (α w_o for the linear model), and even = (f+ +
-    f−)/2 − f0, the part that depends on |x_0| only. Returns (odd [T], even [T])."""
+    """The network's use of x_0 from its outputs on `opposing_probes` [T, P] (grid [P]): with f± = f(±α e_0)
+    and f0 = f(0), odd = (f+ − f−)/2, the part that flips with the sign of x_0 (α w_o for the linear model),
+    and even = (f+ + f−)/2 − f0, the part that depends on |x_0| only. Returns (odd [T], even [T])."""
     outputs, grid = np.asarray(probe_outputs, dtype=np.float64), np.asarray(grid, dtype=np.float64)
     plus, minus, zero = (int(np.argmin(np.abs(grid - value))) for value in (alpha, -alpha, 0.0))
-    return (outputs[:, plus] - outputs[:, minus]) / 2, (outputs[:, plus] + outputs[:, minus]) / 2 - outputs[:, zero]
+    odd = (outputs[:, plus] - outputs[:, minus]) / 2
+    return odd, (outputs[:, plus] + outputs[:, minus]) / 2 - outputs[:, zero]
 
 def opposing_curvature(model, x, feature=0):
-    """Top eigenvalue of M, the Gauss-Newton curvature of the first-layer column reading x_feature of a
-    `make_toy_network`: M_jk = (1/N) Σ_i x_{i,f}² v_j v_k 1_j(x_i) 1_k(x_i) (1_j: unit j active), p α² |v|² while all
-    units see every outlier. With two outputs v is v_1 − v_0 and example i weighs p_i(1 − p_i), which vanishes as it is
-    fit with a margin. OUR RECONSTRUCTION."""
+    """Top eigenvalue of M, the Gauss-Newton curvature of the first-layer column that reads x_feature in a
+    `make_toy_network`: M_jk = (1/N) Σ_i x_{i,f}² v_j v_k 1_j(x_i) 1_k(x_i) (1_j: unit j active), p α² |v|²
+    while all units see every outlier. With two outputs v is v_1 − v_0 and example i weighs p_i(1 − p_i),
+    which vanishes as it is fit with a margin. OUR RECONSTRUCTION."""
     hidden, output = model[0], model[2]
     with torch.no_grad():
         active = (x @ hidden.weight.T + hidden.bias > 0).to(x.dtype)            # [N, width]
         if output.weight.shape[0] == 1:
             direction, weight = output.weight[0], torch.ones(len(x), dtype=x.dtype)
         else:
-            direction = output.weight[1] - output.weight[0]
-            probability = torch.softmax(model(x), dim=-1)[:, 1]
+            direction, probability = output.weight[1] - output.weight[0], torch.softmax(model(x), -1)[:, 1]
             weight = probability * (1 - probability)
-        rows = x[:, feature:feature + 1] * active * direction * weight.sqrt()[:, None]    # ∂(f or f_1 − f_0)/∂U[j, f]
+        rows = x[:, feature:feature + 1] * active * direction * weight.sqrt()[:, None]   # ∂f/∂U[j, f]
         return float(torch.linalg.eigvalsh(rows.T @ rows / len(x))[-1])
 
 def toy_state(model, loss_fn, x, y, sign, probes):
-    """The toy's state with groups sign [N]: loss_plus, loss_minus, opposing_curvature, column_cosine (of the two
-    groups' gradients on the column reading x_0), active_both (units active on both twins) and probe_output (on
-    `opposing_probes`; for two classes f_1 − f_0). Needs `opposing_curvature`, `group_gradients`."""
+    """The toy's state with groups sign [N]: loss_plus, loss_minus, opposing_curvature, column_cosine (of the
+    two groups' gradients on the column reading x_0), active_both (units active on both twins) and
+    probe_output (on `opposing_probes`; for two classes f_1 − f_0). Needs `opposing_curvature`,
+    `group_gradients`."""
     grads = group_gradients(model, loss_fn, x, y, [sign > 0, sign < 0])
     column = [g[:model[0].weight.numel()].view_as(model[0].weight)[:, 0] for g in grads]   # U[:, 0] reads x_0
     with torch.no_grad():
         losses, active, outputs = loss_fn(model(x), y), model[0](x) > 0, model(probes)
         return {"loss_plus": float(losses[sign > 0].mean()), "loss_minus": float(losses[sign < 0].mean()),
                 "opposing_curvature": opposing_curvature(model, x),
-                "column_cosine": float(column[0] @ column[1] / (column[0].norm() * column[1].norm() + 1e-300)),
+                "column_cosine": float(column[0] @ column[1] / (column[0].norm() * column[1].norm()
+                                                                 + 1e-300)),
                 "active_both": float((active[sign > 0] & active[sign < 0]).float().mean()),
                 "probe_output": (outputs[:, -1] - (outputs[:, 0] if outputs.shape[1] == 2 else 0)).numpy()}
 
-def half_learned_step(even):
-    """The first step at which the |x_0| (even) response reaches half its final value (the target offset under squared
-    error, the final margin under cross-entropy); T (never) when the final value is not positive."""
-    even = np.asarray(even, dtype=np.float64)
-    learned = even >= even[-1] / 2 if even[-1] > 0 else np.zeros(len(even), dtype=bool)
-    return int(np.argmax(learned)) if learned.any() else len(even)
-
-def late_fall(sharpness):
-    """1 − (mean sharpness over the last 10% of steps) / (maximum sharpness): how far it has fallen back."""
-    sharpness = np.asarray(sharpness)
-    return float(1 - sharpness[int(0.9 * len(sharpness)):].mean() / sharpness.max())
-
-# ----------------------------------------------------------------------------- 7. Adam versus SGD
+# ------------------------------------------------------------ 7. Adam versus SGD
 #
-# Adam divides each coordinate's step by its running gradient RMS, so it sees the sharpness of P^-1/2 H P^-1/2 (P its
-# preconditioner) against its own `stability_threshold`. SplitSGD (OUR RECONSTRUCTION) gives Adam's step only to the
-# few coordinates with large, sign-flipping gradients that opposing signals make.
+# Adam divides each coordinate's step by its running gradient RMS, so it sees the sharpness of P^-1/2 H P^-1/2
+# (P its preconditioner) against its own `stability_threshold`. SplitSGD (OUR RECONSTRUCTION) gives Adam's
+# step only to the few coordinates with large, sign-flipping gradients that opposing signals make.
 
 def adam_denominator(exp_avg_sq, step, beta2, eps):
-    """Adam's per-coordinate divisor sqrt(v̂) + ε, v̂ = v / (1 − β2^t) after t steps, in torch.optim.Adam's operation
-    order (results match it to the last bit)."""
+    """Adam's per-coordinate divisor sqrt(v̂) + ε, v̂ = v / (1 − β2^t) after t steps, in torch.optim.Adam's
+    order of operations (its results match to the last bit)."""
     return exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** float(step)) + eps
 
 def top_quantile_mask(values, quantile):
-    """Bool mask of the round(quantile·n) largest entries of `values` (any shape; ties broken by torch.topk)."""
+    """Bool mask of the round(quantile·n) largest entries of `values` (any shape; ties broken by torch.topk).
+    """
     count = int(round(quantile * values.numel()))
     mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
     if count >= values.numel():
@@ -1165,17 +972,19 @@ def top_quantile_mask(values, quantile):
     return mask.view_as(values)
 
 class SplitSGD(torch.optim.Optimizer):
-    """SGD with momentum, except that the most "spiky" coordinates of each tensor take Adam's step (OUR RECONSTRUCTION
-    of the paper's split-update proposal). Per tensor at step t: the heavy-ball buffer b_t = μ b_{t−1} + g_t as SGD,
-    Adam's m_t and v_t; the round(q·n) coordinates with the largest v_t move by normalized_lr · m̂_t / (sqrt(v̂_t) + ε),
-    the others by lr · b_t. Every coordinate keeps all three, so it can change sets: q = 0 is exactly SGD(lr, μ), q = 1
-    Adam(normalized_lr). Needs `adam_denominator`, `top_quantile_mask`."""
+    """SGD with momentum, except that the most "spiky" coordinates of each tensor take Adam's step (OUR
+    RECONSTRUCTION of the paper's split-update proposal). Per tensor at step t: the heavy-ball buffer b_t = μ
+    b_{t−1} + g_t as SGD's, and Adam's m_t and v_t; the round(q·n) coordinates with the largest v_t move by
+    normalized_lr · m̂_t / (sqrt(v̂_t) + ε), the others by lr · b_t. Every coordinate keeps all three, so it
+    can change sets: q = 0 is exactly SGD(lr, μ), q = 1 Adam(normalized_lr). Needs `adam_denominator`,
+    `top_quantile_mask`."""
 
-    def __init__(self, params, lr, normalized_lr=1e-3, quantile=0.1, momentum=0.9, betas=(0.9, 0.999), eps=1e-8):
+    def __init__(self, params, lr, normalized_lr=1e-3, quantile=0.1, momentum=0.9, betas=(0.9, 0.999),
+                 eps=1e-8):
         if not 0.0 <= quantile <= 1.0:
             raise ValueError(f"quantile {quantile} must be in [0, 1]")
-        super().__init__(params, dict(lr=lr, normalized_lr=normalized_lr, quantile=quantile, momentum=momentum,
-                                      betas=betas, eps=eps))
+        super().__init__(params, dict(lr=lr, normalized_lr=normalized_lr, quantile=quantile,
+                                      momentum=momentum, betas=betas, eps=eps))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -1193,19 +1002,19 @@ class SplitSGD(torch.optim.Optimizer):
                 else:
                     state["momentum_buffer"].mul_(group["momentum"]).add_(g)
                 state["step"] += 1
-                t = state["step"]
                 state["exp_avg"].lerp_(g, 1 - beta1)
                 state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = adam_denominator(state["exp_avg_sq"], t, beta2, group["eps"])
-                normalized_step = state["exp_avg"] / denom * (group["normalized_lr"] / (1 - beta1 ** t))
+                denominator = adam_denominator(state["exp_avg_sq"], state["step"], beta2, group["eps"])
+                corrected_lr = group["normalized_lr"] / (1 - beta1 ** state["step"])
+                normalized = state["exp_avg"] / denominator * corrected_lr
                 state["normalized"] = top_quantile_mask(state["exp_avg_sq"], group["quantile"])
-                p.sub_(torch.where(state["normalized"], normalized_step, group["lr"] * state["momentum_buffer"]))
+                p.sub_(torch.where(state["normalized"], normalized, group["lr"] * state["momentum_buffer"]))
         return loss
 
     @torch.no_grad()
     def preconditioner(self):
-        """The flat P with update ≈ lr·P^-1 b: lr·(sqrt(v̂) + ε) / (normalized_lr·(1 − β1)) on the normalized set
-        (Adam's momentum as a heavy-ball buffer), 1 elsewhere; None before the first step."""
+        """The flat P with update ≈ lr·P^-1 b: lr·(sqrt(v̂) + ε) / (normalized_lr·(1 − β1)) on the normalized
+        set (Adam's momentum as a heavy-ball buffer), 1 elsewhere; None before the first step."""
         parts = []
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -1224,60 +1033,63 @@ def adaptive_preconditioner(optimizer):
     SplitSGD's own; None otherwise or before the first step. Needs `SplitSGD`."""
     if isinstance(optimizer, SplitSGD):
         return optimizer.preconditioner()
-    if not isinstance(optimizer, torch.optim.Adam):
+    params = [(p, group) for group in optimizer.param_groups for p in group["params"]]
+    if not isinstance(optimizer, torch.optim.Adam) or not all(optimizer.state[p] for p, _ in params):
         return None
-    parts = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if not state:
-                return None
-            parts.append(adam_denominator(state["exp_avg_sq"], state["step"], group["betas"][1], group["eps"]).reshape(-1))
-    return torch.cat(parts)
+    return torch.cat([adam_denominator(optimizer.state[p]["exp_avg_sq"], optimizer.state[p]["step"],
+                                       group["betas"][1], group["eps"]).reshape(-1) for p, group in params])
 
-def opposing_group_oscillation(per_example_loss, top=40, window=30, start=0, stride=None):
-    """How strongly the examples whose losses move most keep oscillating under minibatch noise, against loss-matched
-    groups (OUR RECONSTRUCTION). per_example_loss [R, N] at records every k steps (k odd). At record r the `top`
-    examples by |ℓ_i(r+1) − ℓ_i(r)| split by sign; the control takes for each the example whose loss at r+1 is nearest
-    (`matched_examples`). Over `window` intervals from r+2 a group's amplitude is mean |Δ| of its mean loss, a pair's
-    the mean of its two; r = start, start + stride, ... Returns record, amplitude, amplitude_matched, relative [S],
-    median_relative (nan when S = 0). Needs `matched_examples`."""
-    losses, rows = np.asarray(per_example_loss, dtype=np.float64), []
+def opposing_group_oscillation(per_example_loss, labels, in_batch, top=40, window=20):
+    """How strongly the examples whose losses move most keep oscillating, against controls that pass the same
+    selection (OUR RECONSTRUCTION). per_example_loss [R, N] is recorded every k steps (k odd, so that a period-2
+    oscillation still alternates), labels [N] are the examples' classes or target tokens, and in_batch bool [R, N]
+    says which examples were in a minibatch between records r and r + 1 (all True for full batch).
+
+    At record r = 0, window, 2·window, ... the `top` examples by |Δℓ| = |ℓ(r+1) − ℓ(r)| split by sign; each
+    one's control is the example of the same label, sign and batch membership nearest below or above it in |Δℓ|
+    (`matched_examples`; one without a control leaves with it). Over the `window` intervals from r + 2 a group's
+    amplitude is the mean |Δ| of its mean loss, a pair's the mean of its two. Returns amplitude and
+    amplitude_matched [S], and median_relative, the median of their ratio (nan when S = 0). Needs
+    `matched_examples`."""
+    losses, labels, rows = np.asarray(per_example_loss, dtype=np.float64), np.asarray(labels).reshape(-1), []
+
     def amplitude(span, members, up):
         return np.mean([np.abs(np.diff(span[:, members[side]].mean(1))).mean() for side in (up, ~up)])
-    for r in range(start, len(losses) - window - 2, stride or window):
+
+    for r in range(0, len(losses) - window - 2, window):
         change = losses[r + 1] - losses[r]
-        chosen = np.argsort(-np.abs(change))[:top]
+        chosen = np.argsort(-np.abs(change), kind="stable")[:top]
+        keys = (labels * 2 + (change > 0)) * 2 + np.asarray(in_batch[r])
+        control = matched_examples(np.abs(change), chosen, keys)
+        chosen, control = chosen[control >= 0], control[control >= 0]
         up = change[chosen] > 0
         if up.all() or not up.any():
             continue
         span = losses[r + 2:r + 3 + window]
-        rows.append((r, amplitude(span, chosen, up), amplitude(span, matched_examples(losses[r + 1], chosen), up)))
-    record, groups, control = (np.asarray([row[j] for row in rows], dtype=np.float64) for j in range(3))
-    relative = groups / np.maximum(control, 1e-300)
-    return {"record": record, "amplitude": groups, "amplitude_matched": control, "relative": relative,
-            "median_relative": float(np.median(relative)) if rows else math.nan}
+        rows.append((amplitude(span, chosen, up), amplitude(span, control, up)))
+    groups, matched = (np.asarray([row[j] for row in rows], dtype=np.float64) for j in (0, 1))
+    return {"amplitude": groups, "amplitude_matched": matched,
+            "median_relative": float(np.median(groups / np.maximum(matched, 1e-300))) if rows else math.nan}
 
-def optimizer_summary(model, loss_fn, history, optimizer, x, y, x_test, y_test, top=40, window=20):
-    """One minibatch run in numbers (per-example losses recorded as "losses"): train_loss (inf if it diverged),
-    test_accuracy, relative (`opposing_group_oscillation` from the first fifth on), ratio ((preconditioned) sharpness
-    over `stability_threshold`, median over the second half), early (`early_layer_ratio`, mean after step 0), curve.
-    Needs `evaluate`, `measured`, `opposing_group_oscillation`, `stability_threshold`, `parameter_layers`,
-    `early_layer_ratio`."""
+def optimizer_summary(model, loss_fn, history, optimizer, x, y, x_test, y_test, in_batch, top=40, window=20):
+    """One training run in numbers; its measure hook recorded every example's loss as "losses" and the
+    sharpness (`sharpness_measure`, with `adaptive_preconditioner`). Returns train_loss (inf if it diverged),
+    test_accuracy, relative (`opposing_group_oscillation` over the records from the first fifth on; in_batch
+    [R, N] as there), ratio (the sharpness the optimizer sees, preconditioned for an adaptive one, over its
+    `stability_threshold`: the median over the second half) and curve (the mean loss at each record). Needs
+    `evaluate`, `measured`, `opposing_group_oscillation`, `stability_threshold`."""
     train_loss, test_accuracy = evaluate(model, loss_fn, x, y)[0], evaluate(model, loss_fn, x_test, y_test)[1]
     _, losses = measured(history, "losses")
     steps, plain = measured(history, "eigenvalues")
-    _, preconditioned = measured(history, "preconditioned_eigenvalues")
-    seen = (preconditioned if len(preconditioned) else plain)[:, 0] / stability_threshold(optimizer)
-    _, shares = measured(history, "layer_shares")
-    index = parameter_layers(model)[1]
-    return {"train_loss": train_loss if history["diverged"] is None and math.isfinite(train_loss) else math.inf,
-            "test_accuracy": test_accuracy, "ratio": float(np.nanmedian(seen[steps >= steps.max() / 2])),
-            "relative": opposing_group_oscillation(losses, top, window, start=len(losses) // 5)["median_relative"],
-            "early": early_layer_ratio(shares[steps > 0].mean(0), np.bincount(index) / len(index)),
-            "curve": losses.mean(1)}
+    preconditioned = measured(history, "preconditioned_eigenvalues")[1]
+    seen = (preconditioned if np.isfinite(preconditioned).any() else plain)[:, 0] / stability_threshold(optimizer)
+    start, stable = len(losses) // 5, history["diverged"] is None and math.isfinite(train_loss)
+    oscillation = opposing_group_oscillation(losses[start:], y.cpu().numpy(), in_batch[start:], top, window)
+    return {"train_loss": train_loss if stable else math.inf, "test_accuracy": test_accuracy,
+            "relative": oscillation["median_relative"], "curve": losses.mean(1),
+            "ratio": float(np.nanmedian(seen[steps >= steps.max() / 2]))}
 
-# ----------------------------------------------------------------------------- Appendix A. The larger models
+# ------------------------------------------------------------ Appendix A. The larger models
 
 class MLP(nn.Module):
     """Fully connected network: flatten -> depth x [Linear(width), activation] -> Linear(num_classes)."""
@@ -1298,17 +1110,19 @@ class SmallCNN(nn.Module):
 
     def __init__(self, in_channels=3, channels=32, num_classes=10):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
         self.head = nn.Linear(2 * channels, num_classes)
 
     def forward(self, x):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 def small_output_init(model, body_gain, zero_last_conv_of_blocks=False):
-    """Zero output, live features, for a ReLU conv net without batch norm: Kaiming convs times body_gain, zero biases
-    and head, and (ResNet) a zero last conv per residual branch. PyTorch's default init stalls GD at the constant
-    predictor, plain Kaiming diverges; the MSE sharpness at init is about |mean penultimate feature|²."""
+    """Zero output, live features, for a ReLU conv net without batch norm: Kaiming convs times body_gain, zero
+    biases and head, and (ResNet) a zero last conv per residual branch. PyTorch's default init stalls GD at
+    the constant predictor, plain Kaiming diverges; the MSE sharpness at init is about |mean penultimate
+    feature|²."""
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, nn.Conv2d):
@@ -1321,8 +1135,9 @@ def small_output_init(model, body_gain, zero_last_conv_of_blocks=False):
     return model
 
 class VGG11(nn.Module):
-    """VGG-11 for 32x32 inputs (8 convs, 5 max-pools, a linear head). Without BN it starts from `small_output_init` with
-    body_gain 0.8·(16/width)^(1/16): mean penultimate feature norm near 2.5 whatever the width (README)."""
+    """VGG-11 for 32x32 inputs (8 convs, 5 max-pools, a linear head). Without BN it starts from
+    `small_output_init` with body_gain 0.8·(16/width)^(1/16): mean penultimate feature norm near 2.5 whatever
+    the width (README). Needs `small_output_init`."""
 
     def __init__(self, num_classes=10, width=64, batch_norm=False, body_gain=None):
         super().__init__()
@@ -1353,15 +1168,16 @@ class BasicBlock(nn.Module):
         self.bn2 = norm(channels)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=not batch_norm), norm(channels))
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=not batch_norm),
+                                          norm(channels))
 
     def forward(self, x):
         return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
 
 class ResNet18(nn.Module):
-    """CIFAR ResNet-18: 3x3 stem, four stages of two basic blocks, global average pool, linear head. Without BN it
-    starts from `small_output_init` with zero residual branches (body_gain 0.69: mean penultimate feature norm near 3 at
-    widths 32 and 64, README). Needs `small_output_init`, `BasicBlock`."""
+    """CIFAR ResNet-18: 3x3 stem, four stages of two basic blocks, global average pool, linear head. Without
+    BN it starts from `small_output_init` with zero residual branches (body_gain 0.69: mean penultimate
+    feature norm near 3 at widths 32 and 64, README). Needs `small_output_init`, `BasicBlock`."""
 
     def __init__(self, num_classes=10, width=64, batch_norm=True, body_gain=0.69):
         super().__init__()
@@ -1370,7 +1186,8 @@ class ResNet18(nn.Module):
         blocks, channels = [], width
         for stage, stride in enumerate([1, 2, 2, 2]):
             for block in range(2):
-                blocks.append(BasicBlock(channels, width * 2 ** stage, stride if block == 0 else 1, batch_norm))
+                first_stride = stride if block == 0 else 1
+                blocks.append(BasicBlock(channels, width * 2 ** stage, first_stride, batch_norm))
                 channels = width * 2 ** stage
         self.blocks, self.head = nn.Sequential(*blocks), nn.Linear(channels, num_classes)
         if not batch_norm:
@@ -1380,7 +1197,8 @@ class ResNet18(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
 class LayerNorm(nn.Module):
-    """LayerNorm written out, (x − mean) / sqrt(var + eps) · weight + bias over the last dimension (double backward)."""
+    """LayerNorm written out, (x − mean) / sqrt(var + eps) · weight + bias over the last dimension (double
+    backward)."""
 
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -1388,26 +1206,30 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         mean = x.mean(-1, keepdim=True)
-        return (x - mean) / torch.sqrt((x - mean).pow(2).mean(-1, keepdim=True) + self.eps) * self.weight + self.bias
+        variance = (x - mean).pow(2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(variance + self.eps) * self.weight + self.bias
 
 class Attention(nn.Module):
-    """Multi-head self-attention written out (fused kernels have no double backward); causal: position t attends to
-    positions <= t only, as a language model must."""
+    """Multi-head self-attention written out (fused kernels have no double backward); causal: position t
+    attends to positions <= t only, as a language model must."""
 
     def __init__(self, dim, heads, causal=False):
         super().__init__()
-        self.heads, self.causal, self.qkv, self.proj = heads, causal, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads, self.causal = heads, causal
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):                                                  # x: [B, T, D]
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         scores = q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)
         if self.causal:
-            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
         return self.proj((torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, D))
 
 class Block(nn.Module):
-    """Pre-LN transformer block, the ViT's and the GPT's: h + attention(norm(h)), then + MLP(norm(h))."""
+    """Pre-LN transformer block, the ViT's and the GPT's: h + attention(norm(h)), then + MLP(norm(h)). Needs
+    `Attention`, `LayerNorm`."""
 
     def __init__(self, dim, heads, mlp_ratio, causal=False):
         super().__init__()
@@ -1419,8 +1241,8 @@ class Block(nn.Module):
         return h + self.mlp(self.norm2(h))
 
 class ViT(nn.Module):
-    """Small vision transformer: patch embedding + learned positions, pre-LN blocks, mean-pooled linear head. Needs
-    `Block`, `Attention`, `LayerNorm`."""
+    """Small vision transformer: patch embedding + learned positions, pre-LN blocks, mean-pooled linear head.
+    Needs `Block`, `Attention`, `LayerNorm`."""
 
     def __init__(self, num_classes=10, image_size=32, patch=4, dim=128, depth=4, heads=4, mlp_ratio=2):
         super().__init__()
@@ -1438,9 +1260,10 @@ class ViT(nn.Module):
         return self.head(self.norm(h).mean(dim=1))
 
 class GPT(nn.Module):
-    """A small character-level GPT: token and learned position embeddings, causal pre-LN blocks, a final LayerNorm and a
-    linear head. tokens [B, T <= context] -> logits [B, T, vocab_size], those at position t predicting token t + 1: each
-    (sequence, position) is one example. Needs `Block`, `Attention`, `LayerNorm`."""
+    """A small character-level GPT: token and learned position embeddings, causal pre-LN blocks, a final
+    LayerNorm and a linear head. tokens [B, T <= context] -> logits [B, T, vocab_size], those at position t
+    predicting token t + 1: each (sequence, position) is one example. Needs `Block`, `Attention`, `LayerNorm`.
+    """
 
     def __init__(self, vocab_size=65, context=64, dim=64, depth=2, heads=4, mlp_ratio=4):
         super().__init__()
@@ -1451,14 +1274,14 @@ class GPT(nn.Module):
 
     def forward(self, tokens):                                             # tokens: [B, T]
         if tokens.shape[1] > self.position.shape[1]:
-            raise ValueError(f"GPT: sequences of {tokens.shape[1]} tokens, but the context is {self.position.shape[1]}: "
-                             f"pass at most that many")
+            raise ValueError(f"GPT: sequences of {tokens.shape[1]} tokens, but the context is "
+                             f"{self.position.shape[1]}: pass at most that many")
         h = self.embed(tokens) + self.position[:, :tokens.shape[1]]
         for block in self.blocks:
             h = block(h)
         return self.head(self.norm(h))
 
-# ----------------------------------------------------------------------------- Appendix B. The data
+# ------------------------------------------------------------ Appendix B. The data
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -1467,170 +1290,413 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_MD5, SHAKESPEARE_BYTES = "6fb458f1232090904fb40fe944165e91", 1115394
 
 class DataError(Exception):
-    """A data set is missing, cannot be downloaded, or is corrupted. The message says how to fix it."""
+    """A data set is missing, cannot be downloaded or written, or is corrupted; the message says the fix."""
 
 def load_cifar10(root=None, train=True, download=True):
     """CIFAR-10 images uint8 [N, 32, 32, 3] and labels int64 [N] from root (else $OSIG_DATA, else ./data)
-    /cifar-10-batches-py, made from the md5-checked archive (downloaded if allowed) when absent; batches checked by
-    structure and read without running code. Raises DataError with the fix. Needs `cifar10_folder`, `read_cifar_batch`.
-    """
+    /cifar-10-batches-py, made from the md5-checked archive when absent. Needs `cifar10_folder`,
+    `read_cifar_batch`."""
     folder = cifar10_folder(Path(root or os.environ.get("OSIG_DATA") or "data").expanduser(), download)
-    batches = [read_cifar_batch(folder / name) for name in
-               ([f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"])]
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    batches = [read_cifar_batch(folder / name) for name in names]
     images = np.concatenate([data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1) for data, _ in batches])
     return torch.from_numpy(images), torch.from_numpy(np.concatenate([labels for _, labels in batches]))
 
 def normalize(images, mean=None, std=None):
-    """Per-channel standardization, uint8 [N, H, W, C] -> float32 [N, C, H, W]: x = (images/255 − mean[c]) / std[c],
-    mean and std [C] over these images unless given (pass the training set's for test or probe images). Returns (x,
-    mean, std)."""
+    """uint8 [N, H, W, C] -> float32 [N, C, H, W], x = (images/255 − mean[c]) / std[c] with mean and std [C] of
+    these images unless given (pass the training set's for test or probe images). Returns (x, mean, std)."""
     x = images.permute(0, 3, 1, 2).float() / 255
     mean = x.mean(dim=(0, 2, 3)) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
     std = x.std(dim=(0, 2, 3)) if std is None else torch.as_tensor(std, dtype=torch.float32)
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), mean, std
 
 def seeded_subset(n_total, n, seed=0):
-    """Indices [n]: the first n of a seeded permutation of n_total, so one seed's subsets are nested."""
-    if not 0 < n <= n_total:
-        raise ValueError(f"subset size n={n} must be between 1 and {n_total}")
-    if not 0 <= seed < 2 ** 63:
-        raise ValueError(f"seed={seed} must be in 0..2^63 - 1")
+    """Indices [n]: the first n of a seeded permutation of n_total, so that one seed's subsets are nested."""
+    if not 0 < n <= n_total or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"a subset of {n} of {n_total} with seed {seed}: need 0 < n <= {n_total}, seed >= 0")
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
 
 def load_tiny_shakespeare(root=None, download=True):
-    """Tiny Shakespeare (1,115,394 characters) as a str from root (else $OSIG_DATA, else ./data)
-    /tinyshakespeare/input.txt, downloaded when missing; it must be a regular file of the right size before it is read
-    (a FIFO or device cannot hang), then match its md5. Raises DataError with the fix. Needs `download_checked`."""
+    """Tiny Shakespeare as a str from root (else $OSIG_DATA, else ./data)/tinyshakespeare/input.txt,
+    downloaded when missing; a regular file of the right size (a FIFO cannot hang the read) and md5. Needs
+    `download_checked`, `SHAKESPEARE_URL`, `SHAKESPEARE_MD5`, `SHAKESPEARE_BYTES`."""
     path = Path(root or os.environ.get("OSIG_DATA") or "data").expanduser() / "tinyshakespeare" / "input.txt"
-    fix = f"put the file from {SHAKESPEARE_URL} there, or set OSIG_DATA to a folder holding tinyshakespeare/input.txt"
+    fix = f"put the file from {SHAKESPEARE_URL} there, or set OSIG_DATA to a folder with tinyshakespeare/"
+    if not path.exists() and not download:
+        raise DataError(f"tiny Shakespeare not found at {path}: {fix}")
     if not path.exists():
-        if not download:
-            raise DataError(f"tiny Shakespeare not found at {path}: {fix}")
         download_checked(SHAKESPEARE_URL, path, SHAKESPEARE_MD5)
-    size = path.stat().st_size if path.is_file() else None
-    if size != SHAKESPEARE_BYTES:
-        raise DataError(f"{path} is " + ("not a regular file" if size is None else "empty" if size == 0 else
-                        f"{size:,} bytes, not {SHAKESPEARE_BYTES:,} (truncated or a different file)") + f": delete it and {fix}")
-    data = path.read_bytes()
-    if hashlib.md5(data).hexdigest() != SHAKESPEARE_MD5:
-        raise DataError(f"{path} is corrupted (md5 {hashlib.md5(data).hexdigest()}, expected {SHAKESPEARE_MD5}): "
+    if not path.is_file() or path.stat().st_size != SHAKESPEARE_BYTES or \
+            hashlib.md5(path.read_bytes()).hexdigest() != SHAKESPEARE_MD5:
+        raise DataError(f"{path} is not the {SHAKESPEARE_BYTES:,}-byte file of md5 {SHAKESPEARE_MD5}: "
                         f"delete it and {fix}")
-    return data.decode("utf-8")
+    return path.read_text(encoding="utf-8")
 
 def encode_characters(text):
-    """Character tokens: the sorted distinct characters are the vocabulary (65 for tiny Shakespeare), each character its
-    index. Returns tokens int64 [len(text)] and the vocabulary (a str)."""
+    """Character tokens: the sorted distinct characters are the vocabulary (65 for tiny Shakespeare), each
+    character its index. Returns tokens int64 [len(text)] and the vocabulary (a str)."""
     vocabulary = "".join(sorted(set(text)))
     index = {character: i for i, character in enumerate(vocabulary)}
     return torch.tensor([index[c] for c in text], dtype=torch.int64), vocabulary
 
 def text_sequences(tokens, n, context, seed=0):
-    """n windows of the token stream at seeded random starts: inputs x [n, context] and targets y [n, context], the next
-    token of each position (y[i, t] is predicted from x[i, :t + 1])."""
+    """n windows of the token stream at seeded random starts: inputs x [n, context] and targets y [n,
+    context], the next token of each position (y[i, t] is predicted from x[i, :t + 1])."""
     if n < 1 or len(tokens) <= context + 1:
         raise ValueError(f"need n >= 1 sequences and more than context + 1 = {context + 1} tokens")
     starts = torch.randint(0, len(tokens) - context - 1, (n,), generator=torch.Generator().manual_seed(seed))
     windows = torch.stack([tokens[s:s + context + 1] for s in starts.tolist()])
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
-def download_checked(url, path, md5, deadline=900, failed=set()):
-    """Download `url` to `path` (progress on stderr) via path.part, md5-checked, renamed only when complete. 30 s of
-    silence or `deadline` seconds stop it; `failed`, shared by every call on purpose, remembers this process's failed
-    URLs, so a stalled network costs one wait. Raises DataError with the fix. Needs `DataError`."""
-    fix = f"put the file at {path} yourself, or set OSIG_DATA to a folder that holds it"
-    if url in failed:
-        raise DataError(f"{path} is missing and its download from {url} already failed in this run: {fix}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial, digest, start = path.with_name(path.name + ".part"), hashlib.md5(), time.time()
-    print(f"downloading {url} to {path} ...", file=sys.stderr, flush=True)
+def download_checked(url, path, md5):
+    """Download `url` to `path` through a uniquely named partial file, renamed into place only when complete
+    and md5-checked, so that concurrent downloads cannot clash. Needs `DataError`."""
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+    print(f"downloading {url} to {path} ...", flush=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as f:
-            total, done, shown = int(response.headers.get("Content-Length") or 0), 0, 0
-            while block := response.read(1 << 20):
-                f.write(block)
-                digest.update(block)
-                done += len(block)
-                if time.time() - start > deadline:
-                    raise DataError(f"the download of {url} did not finish within {deadline} s: {fix}")
-                if done - shown >= 10 << 20:
-                    shown = done
-                    print(f"  {done >> 20} MB" + (f" of {total >> 20} MB" if total else "") +
-                          f" in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
-        if digest.hexdigest() != md5:
-            raise DataError(f"the download of {url} is corrupted (md5 {digest.hexdigest()}, expected {md5}): {fix}")
+            shutil.copyfileobj(response, f)
+        if hashlib.md5(partial.read_bytes()).hexdigest() != md5:
+            raise OSError("md5 mismatch: the file is corrupted")
         os.replace(partial, path)
-    except (OSError, DataError) as error:
-        failed.add(url)
-        raise error if isinstance(error, DataError) else DataError(
-            f"{path} is missing and the download from {url} failed ({error}): {fix}") from None
+    except OSError as error:
+        raise DataError(f"{path} could not be downloaded from {url} ({error}): put it there yourself, or set "
+                        f"OSIG_DATA to a writable folder that holds it") from None
     finally:
-        partial.unlink(missing_ok=True)
+        if partial.exists():                     # false, not an error, when path's folder is a file
+            partial.unlink()
 
 def cifar10_folder(root, download=True):
-    """root/cifar-10-batches-py, unpacked when absent from the md5-checked (and, if allowed, downloaded) archive into a
-    temporary folder renamed into place when complete. Raises DataError. Needs `download_checked`."""
+    """root/cifar-10-batches-py, extracted when absent from the md5-checked (downloaded if allowed) archive
+    into a uniquely named staging folder renamed into place; a folder another process completed first is
+    taken, staging folders over an hour old (left by killed runs) are removed. Needs `download_checked`,
+    `CIFAR10_URL`, `CIFAR10_MD5`."""
     folder, archive = root / "cifar-10-batches-py", root / "cifar-10-python.tar.gz"
-    if folder.is_dir():
-        return folder
-    if not archive.exists():
-        if not download:
-            raise DataError(f"CIFAR-10 not found in {root}: put cifar-10-python.tar.gz (from {CIFAR10_URL}) or its "
-                            f"extracted cifar-10-batches-py/ folder there, or set OSIG_DATA to the folder holding it")
-        download_checked(CIFAR10_URL, archive, CIFAR10_MD5)
-    md5 = hashlib.md5()
-    with open(archive, "rb") as f:
-        while block := f.read(1 << 20):
-            md5.update(block)
-    if md5.hexdigest() != CIFAR10_MD5:
-        raise DataError(f"{archive} is corrupted (md5 {md5.hexdigest()}, expected {CIFAR10_MD5}): delete it and "
-                        f"download it again from {CIFAR10_URL}")
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=".cifar10-extract-"))
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(staging, filter="data")
-        if not (staging / "cifar-10-batches-py").is_dir():
-            raise DataError(f"{archive} does not contain cifar-10-batches-py/: delete it and download it again")
-        os.replace(staging / "cifar-10-batches-py", folder)
+        for stale in root.glob(".cifar10-staging-*") if root.is_dir() and not folder.is_dir() else []:
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
+        if not folder.is_dir() and not archive.exists() and not download:
+            raise DataError(f"CIFAR-10 not found in {root}: put cifar-10-python.tar.gz (from {CIFAR10_URL}) "
+                            f"or cifar-10-batches-py/ there, or set OSIG_DATA to the folder holding it")
+        if not folder.is_dir() and not archive.exists():
+            download_checked(CIFAR10_URL, archive, CIFAR10_MD5)
+        if not folder.is_dir() and hashlib.md5(archive.read_bytes()).hexdigest() != CIFAR10_MD5:
+            raise DataError(f"{archive} is corrupted: delete it and download it again from {CIFAR10_URL}")
+        staging = root / f".cifar10-staging-{uuid.uuid4().hex}"
+        try:
+            if not folder.is_dir():
+                with tarfile.open(archive, "r:gz") as tar:
+                    tar.extractall(staging, filter="data")
+                os.replace(staging / "cifar-10-batches-py", folder)
+        except OSError:
+            if not folder.is_dir():              # not another process's complete folder: a real failure
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     except (OSError, tarfile.TarError) as error:
-        raise DataError(f"{archive} could not be extracted ({error}): delete it and download it again") from None
-    finally:
-        for path in sorted(staging.rglob("*"), reverse=True):
-            path.unlink() if path.is_file() else path.rmdir()
-        staging.rmdir()
+        raise DataError(f"CIFAR-10 could not be prepared in {root} ({error}): make it a writable folder with "
+                        f"cifar-10-python.tar.gz or cifar-10-batches-py/, or set OSIG_DATA to one") from None
     return folder
 
 class CifarUnpickler(pickle.Unpickler):
-    """An unpickler that builds numpy arrays and nothing else: a pickle can call any importable function while it loads,
-    so a tampered data file could run code. Only numpy's array reconstruction, ndarray, dtype and _codecs.encode (Python
-    2 byte strings) resolve; any other name raises pickle.UnpicklingError."""
-    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode,
-               ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
-               ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0]}
+    """An unpickler that builds numpy arrays and nothing else: a pickle can call any importable function while
+    it loads, so a tampered file could run code. Only numpy's array reconstruction, ndarray, dtype and
+    _codecs.encode (Python 2 byte strings) resolve; any other name raises pickle.UnpicklingError."""
+    rebuild = np.ndarray.__reduce__(np.zeros(1))[0]
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"):
+               codecs.encode, ("numpy.core.multiarray", "_reconstruct"): rebuild,
+               ("numpy._core.multiarray", "_reconstruct"): rebuild}
 
     def find_class(self, module, name):
         if (module, name) in self.allowed:
             return self.allowed[(module, name)]
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only numpy arrays, "
-                                     f"lists and strings")
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only arrays")
 
 def read_cifar_batch(path):
-    """One batch file (data uint8 [10000, 3072], labels [10000]) after a size check, by `CifarUnpickler`, checked by
-    structure; any damage raises DataError with the fix. Needs `DataError`, `CifarUnpickler`."""
-    fix = f"delete {path.parent} and put a fresh copy of cifar-10-batches-py/ (or the archive) there"
-    if not path.is_file() or not 30_000_000 <= path.stat().st_size <= 40_000_000:
-        raise DataError(f"{path} is " + (f"{path.stat().st_size:,} bytes, not a CIFAR-10 batch (about 31 MB)"
-                                         if path.is_file() else "missing") + f": {fix}")
+    """One batch file (data uint8 [10000, 3072], labels [10000]) after a size check, by `CifarUnpickler`,
+    checked by structure; any damage raises DataError with the fix. Needs `DataError`, `CifarUnpickler`."""
     try:
+        if not 30_000_000 <= path.stat().st_size <= 40_000_000:
+            raise ValueError(f"{path.stat().st_size:,} bytes, not about 31 MB")
         with open(path, "rb") as f:
             batch = CifarUnpickler(f, encoding="bytes").load()
-        data, labels = batch[b"data"], batch[b"labels"]
-        labels_ok = isinstance(labels, (list, np.ndarray)) and len(labels) == 10000 and \
-            all(isinstance(label, (int, np.integer)) and 0 <= label <= 9 for label in labels)
-    except Exception as error:                 # a damaged pickle can raise almost anything while it loads
-        raise DataError(f"{path} is unreadable ({type(error).__name__}: {str(error)[:100]}): {fix}") from None
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (10000, 3072):
-        raise DataError(f"{path} is not a CIFAR-10 batch (data {getattr(data, 'dtype', type(data).__name__)} "
-                        f"{getattr(data, 'shape', None)}, expected uint8 (10000, 3072)): {fix}")
-    if not labels_ok:
-        raise DataError(f"{path} is not a CIFAR-10 batch (labels must be 10,000 integers in 0..9): {fix}")
-    return data, np.asarray(labels, dtype=np.int64)
+        data, labels = batch[b"data"], np.asarray(batch[b"labels"])
+        if data.dtype != np.uint8 or data.shape != (10000, 3072) or labels.shape != (10000,) or \
+                labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() > 9:
+            raise ValueError("not the arrays of a CIFAR-10 batch")
+    except Exception as error:                  # a damaged pickle can raise almost anything while it loads
+        raise DataError(f"{path} is not a readable CIFAR-10 batch ({type(error).__name__}: {str(error)[:80]}):"
+                        f" delete {path.parent} and put a fresh cifar-10-batches-py/ (or the archive) there")
+    return data, labels.astype(np.int64)
+
+# ------------------------------------------------------------ Appendix C. Scoring the claims
+#
+# What run_all.py's claims call: the mechanism models' sign and episode helpers, one null test (z and p) for
+# every selection statistic, the selection and look-alike tests, the statistics of spikes, tails, alignment,
+# probes and text features, and the t intervals and power of the interventions.
+
+def oscillation_episode(group_loss_plus, group_loss_minus, sharpness, threshold, rel_gap=0.1):
+    """The steps of an edge-of-stability episode, where the two groups' losses visibly split: from the first
+    step with sharpness >= threshold (2/lr), those with |L+ − L−| >= rel_gap·(L+ + L−)/2. Arrays [T] -> bool
+    [T]."""
+    plus, minus, sharpness = (np.asarray(v, dtype=np.float64)
+                              for v in (group_loss_plus, group_loss_minus, sharpness))
+    crossed, mask = np.flatnonzero(sharpness >= threshold), np.zeros(len(plus), dtype=bool)
+    if len(crossed):
+        mask[crossed[0]:] = (np.abs(plus - minus) >= rel_gap * (plus + minus) / 2)[crossed[0]:]
+    return mask
+
+def period_two_fraction(values):
+    """Fraction of consecutive triples that alternate in sign, v_t v_{t+1} < 0 and v_{t+1} v_{t+2} < 0: a
+    drift through zero flips once, the period-2 oscillation of GD along a direction with η λ > 1 every step.
+    [T] -> float (nan for T < 3)."""
+    values = np.asarray(values, dtype=np.float64)
+    flips = values[1:] * values[:-1] < 0
+    return float(np.mean(flips[1:] & flips[:-1])) if len(flips) >= 2 else math.nan
+
+def consecutive_sign_changes(values, mask):
+    """Among consecutive steps (t, t+1) both inside `mask`, the fraction where `values` changes sign: values,
+    mask [T] -> float, nan with no such pair."""
+    values, mask = np.asarray(values, dtype=np.float64), np.asarray(mask, dtype=bool)
+    pairs = mask[1:] & mask[:-1]
+    return float(np.mean((values[1:] * values[:-1] < 0)[pairs])) if pairs.any() else math.nan
+
+def flip_growth(opposing_weight, sharpness, lr, episode):
+    """How fast the opposing weight grows once it flips, against the derivation's |1 − lr·λ| per step: the
+    median over the first stretch of `episode` (bool [T]), up to its largest swing, of |w_o(t+1)/w_o(t)| / |1
+    − lr·λ_t| (1: the predicted rate). opposing_weight, sharpness [T]; nan without an episode."""
+    if not np.any(episode):
+        return math.nan
+    start = int(np.argmax(episode))
+    stop = start + int(np.argmin(episode[start:])) if not np.all(episode[start:]) else len(episode)
+    w = np.asarray(opposing_weight)
+    steps = np.arange(start, start + int(np.argmax(np.abs(w[start:stop]))))
+    return float(np.median(np.abs(w[steps + 1] / w[steps]) / np.abs(1 - lr * np.asarray(sharpness)[steps])))
+
+def half_learned_step(even):
+    """The first step at which the |x_0| (even) response reaches half its final value; T (never) when the
+    final value is not positive."""
+    even = np.asarray(even, dtype=np.float64)
+    learned = even >= even[-1] / 2 if even[-1] > 0 else np.zeros(len(even), dtype=bool)
+    return int(np.argmax(learned)) if learned.any() else len(even)
+
+def late_fall(sharpness):
+    """1 − (mean sharpness over the last 10% of steps) / (its maximum): how far it has fallen back."""
+    sharpness = np.asarray(sharpness, dtype=np.float64)
+    return float(1 - sharpness[int(0.9 * len(sharpness)):].mean() / np.nanmax(sharpness))
+
+def null_test(observed, null, alternative="greater"):
+    """One test over S selections, observed [S] against null draws [S, D] of the same statistic: the mean over
+    the measurable selections (finite, with finite draws) against each draw's mean over the same ones, valid
+    however the selections depend on each other. Returns (z, p): z = (observed − mean of the draws' means) /
+    their sd, signed so that the alternative ("greater" or "less") is positive, and p = (1 + #draws as extreme
+    or more) / (1 + D); (nan, nan) when nothing is measurable."""
+    observed, null = np.asarray(observed, dtype=np.float64), np.asarray(null, dtype=np.float64)
+    used = np.isfinite(observed) & np.isfinite(null).all(1) if len(observed) else np.zeros(0, dtype=bool)
+    if not used.any():
+        return math.nan, math.nan
+    sign, means, value = (1 if alternative == "greater" else -1), null[used].mean(0), observed[used].mean()
+    z = sign * (value - means.mean()) / max(means.std(), 1e-300)
+    return float(z), float((1 + np.sum(sign * (means - value) >= 0)) / (1 + len(means)))
+
+def gram_mean(gram, first, second):
+    """The mean entry of a Gram matrix [C, C] between two groups of positions [..., m1] and [..., m2] ->
+    [...]: with unit features, the groups' mean cosine (`coherence`)."""
+    first, second = np.asarray(first), np.asarray(second)
+    return gram[first[..., :, None], second[..., None, :]].mean((-2, -1))
+
+def gram_cosine(gram, first, second):
+    """The cosine of two groups' summed vectors from their Gram matrix [C, C] (positions [..., m1], [...,
+    m2]): Σ_ab G / sqrt(Σ_aa G · Σ_bb G) -> [...]. Needs `gram_mean`."""
+    first, second = np.asarray(first), np.asarray(second)
+    cross = gram_mean(gram, first, second) * first.shape[-1] * second.shape[-1]
+    return cross / np.sqrt(gram_mean(gram, first, first) * gram_mean(gram, second, second)) / (
+        first.shape[-1] * second.shape[-1])
+
+def selection_test(grams, change, keys, top, statistic=gram_mean, draws=1000, seed=0, alternative="greater"):
+    """A selection statistic against selection-matched draws, from S selections recorded by `outlier_state`:
+    at each, candidates ordered by |Δℓ| with their Δℓ (change [S, C]) and keys [S, C] (their classes), and a
+    Gram matrix of the candidates [S, C, C] (their gradients, or their `unit_features` for `coherence`). The
+    outliers are the first `top` split by the sign of Δℓ; each draw replaces every one by a later candidate of
+    the same key and sign (`selection_draws`). statistic(gram, up, down) on positions. Returns `null_test`'s
+    (z, p). Needs `selection_draws`, `null_test`, `gram_mean`."""
+    observed, null = np.full(len(change), np.nan), np.full((len(change), draws), np.nan)
+    for s, (gram, delta, key) in enumerate(zip(grams, change, keys)):
+        positions, up = np.arange(len(delta)), delta[:top] > 0
+        key = np.asarray(key) * 2 + (delta > 0)
+        rows = selection_draws(key, positions[:top], positions[top:], draws, seed + s)
+        if up.any() and not up.all() and rows[0, 0] >= 0:
+            observed[s] = statistic(gram, positions[:top][up], positions[:top][~up])
+            null[s] = statistic(gram, rows[:, up], rows[:, ~up])
+    return null_test(observed, null, alternative)
+
+def lookalike_test(per_example_loss, steps, candidates, change, labels, unit, top, tested, length=40, gap=2,
+                   draws=1000, seed=0):
+    """Do the opposing groups move against each other because of what they share, or because they were chosen
+    for moving? At each tested selection step s (tested bool [E] over the measurements: steps [E], candidates and
+    change [E, C] from `outlier_state`), each group's look-alikes are examples never among any measurement's
+    outliers that carry the group's feature most: per class as many as the group has, the largest cosine (unit
+    [N, D], `unit_features`) with the group's mean feature. Their anti-phase over steps s + gap .. s + gap +
+    length (`antiphase` of per_example_loss [T, N]) is tested against draws that replace every look-alike by an
+    example of the same class, sign of Δℓ at s and half of |Δℓ| within the class, neither an outlier nor a
+    look-alike: matched on the selection variable, not below it (`selection_draws`). Returns `null_test`'s (z, p),
+    z > 0: more anti-phase. Needs `antiphase`, `selection_draws`, `null_test`."""
+    losses, labels = np.asarray(per_example_loss, dtype=np.float64), np.asarray(labels).reshape(-1)
+    never = np.ones(losses.shape[1], dtype=bool)
+    never[np.asarray(candidates)[:, :top].reshape(-1)] = False
+    steps, candidates, change = (np.asarray(a)[np.asarray(tested, dtype=bool)] for a in (steps, candidates, change))
+    observed, null = np.full(len(steps), np.nan), np.full((len(steps), draws), np.nan)
+    for s, step in enumerate(steps):
+        members, up, free = candidates[s][:top], change[s][:top] > 0, never.copy()
+        if up.all() or not up.any() or step + gap + length > len(losses):
+            continue
+        groups = []
+        for side in (up, ~up):
+            score, group = unit @ unit[members[side]].mean(0), []
+            for c, count in zip(*np.unique(labels[members[side]], return_counts=True)):
+                pool = np.flatnonzero(free & (labels == c))
+                group += list(pool[np.argsort(-score[pool])[:count]])
+            free[group] = False
+            groups.append(np.asarray(group, dtype=np.int64))
+        delta = losses[step + 1] - losses[step]
+        half = np.zeros(len(delta), dtype=np.int64)
+        for c in np.unique(labels):
+            where = np.flatnonzero(labels == c)
+            half[where] = np.argsort(np.argsort(np.abs(delta[where]))) * 2 // len(where)
+        keys, chosen = (labels * 2 + (delta > 0)) * 2 + half, np.concatenate(groups)
+        rows = selection_draws(keys, chosen, np.flatnonzero(free), draws, seed + s)
+        span, split = losses[step + gap:step + gap + length], len(groups[0])
+        if rows[0, 0] >= 0 and min(map(len, groups)) > 0:
+            observed[s] = antiphase(span, groups[0], groups[1])
+            null[s] = antiphase(span, rows[:, :split], rows[:, split:])
+    return null_test(observed, null, "less")
+
+def pair_contrast(series, first, second, first_pool, second_pool, draws=200, seed=0):
+    """How much more a pair of groups moves in anti-phase than size-matched control pairs from the pools (each
+    draw subsamples a group and its pool to the smaller size): pair, control (medians of `antiphase`),
+    contrast = control − pair (> 0: more opposed), low and high (2.5 and 97.5 percentiles). Needs `antiphase`.
+    """
+    groups = [np.flatnonzero(g) for g in (first, second, first_pool, second_pool)]
+    if min(len(g) for g in groups) == 0:
+        return dict.fromkeys(("pair", "control", "contrast", "low", "high"), math.nan)
+    rng, values = np.random.default_rng(seed), []
+    sizes = [min(len(groups[k]), len(groups[k + 2])) for k in (0, 1)]
+    for pair in (groups[:2], groups[2:]):
+        draw = [np.stack([rng.choice(g, size, replace=False) for _ in range(draws)])
+                for g, size in zip(pair, sizes)]
+        values.append(antiphase(series, *draw))
+    low, high = np.nanpercentile(values[1] - values[0], [2.5, 97.5])
+    pair, control = np.nanmedian(values, 1)
+    return {"pair": float(pair), "control": float(control), "contrast": float(control - pair),
+            "low": float(low), "high": float(high)}
+
+def spike_rate(loss, after, k=5.0, window=20):
+    """Loss spikes per 100 steps after the crossing (`after`, from `edge_of_stability`), by a scale-free rule:
+    a rise above the running minimum of the last `window` steps larger than k x the median |ΔL| after the
+    crossing (`loss_spikes`); nan with fewer than `window` steps after it. Needs `loss_spikes`."""
+    loss = np.asarray(loss, dtype=np.float64)
+    if len(loss) - after < window:
+        return math.nan
+    events = loss_spikes(loss, k * np.median(np.abs(np.diff(loss[after:]))), window)
+    return 100 * float(np.sum(events[:, 0] >= after)) / (len(loss) - after)
+
+def tail_share(per_example_loss, start, stop, count=10, fraction=0.01):
+    """The heavy tail at the loss's largest rises: the median `top_fraction_share` of the per-example loss
+    changes over the `count` steps in [start, stop) where the mean loss rises most (per_example_loss [T, N]);
+    nan for an empty window. Needs `top_fraction_share`."""
+    losses = np.asarray(per_example_loss, dtype=np.float64)
+    if not (math.isfinite(start) and math.isfinite(stop)):
+        return math.nan
+    start, stop = max(int(math.ceil(start)), 0), min(int(stop), len(losses) - 1)
+    if stop <= start:
+        return math.nan
+    rises = start + np.argsort(-np.diff(losses.mean(1))[start:stop])[:count]
+    return float(np.median(top_fraction_share(losses[rises + 1] - losses[rises], fraction)))
+
+def excess_alignment(unstable, top, count):
+    """How much more the outliers' gradients lie in the directions the step oscillates along than random
+    examples' at the same measurement: the median of unstable[:, :top] minus that of unstable[:, count:]
+    (`outlier_state`'s unstable [E, C + R] with C = count candidates) -> [E]."""
+    unstable = np.asarray(unstable, dtype=np.float64)
+    return np.median(unstable[:, :top], 1) - np.median(unstable[:, count:], 1)
+
+def probe_swing(outputs, classes, probe=0, controls=(1, 2)):
+    """How much a probe's output on `classes` moves from step to step against control probes: the mean |Δ| of
+    the mean over `classes` of outputs [T, P, C] for the probe, over the largest of the controls'."""
+    swing = np.abs(np.diff(np.asarray(outputs)[:, :, list(classes)].mean(-1), axis=0)).mean(0)
+    return float(swing[probe] / np.max(swing[list(controls)]))
+
+def paste_swing(shift, after, reference=40, span=50, control=1):
+    """How much more the sky paste's effect swings per step after the crossing than in a fixed window before
+    the edge (steps 0..reference): log of its mean |Δ| over the `span` steps from `after` over its mean |Δ| in
+    the reference, for the sky paste (column 0 of shift [T, P]) minus for the `control` paste; nan if the run
+    is short."""
+    change = np.abs(np.diff(np.asarray(shift, dtype=np.float64), axis=0))
+    if after + span > len(change):
+        return math.nan
+    ratio = change[after:after + span].mean(0) / np.maximum(change[:reference].mean(0), 1e-300)
+    return float(np.log(ratio[0]) - np.log(ratio[control]))
+
+def intervention_endpoints(history, lr, pair, span=50):
+    """A causal run's endpoints from its `train` history (sharpness measured as "eigenvalues"): crossing and
+    approach (`edge_of_stability`: the steps from 0.8·2/lr to 2/lr, which the starting sharpness cannot set),
+    antiphase, the pair's (bool masks [N]) mean |Δ(L_first − L_second)| over the `span` steps after the
+    crossing (nan if fewer than 10), and curve, the sharpness at every step (nan where unmeasured). Needs
+    `measured`, `edge_of_stability`."""
+    steps, sharpness = measured(history, "eigenvalues")
+    losses = history["per_example_loss"].astype(np.float64)
+    eos = edge_of_stability(steps, sharpness[:, 0], 2 / lr, len(losses))
+    gap = losses[eos["after"]:eos["after"] + span, pair[0]].mean(1) - losses[eos["after"]:eos["after"] + span,
+                                                                             pair[1]].mean(1)
+    curve = np.full(len(losses), np.nan)
+    curve[steps] = sharpness[:, 0]
+    return {"crossing": eos["crossing"], "approach": eos["approach"], "curve": curve,
+            "antiphase": float(np.abs(np.diff(gap)).mean()) if len(gap) >= 10 else math.nan}
+
+def feature_shares(features, index, loss_change):
+    """Which features the outliers carry: each feature's (bool masks [F, N]) share of the outliers' summed
+    |Δℓ| over the selections (index, loss_change [S, top]), and its base rate. Returns ([F], [F])."""
+    mass = np.zeros(features.shape[1])
+    magnitude = np.abs(np.asarray(loss_change, dtype=np.float64)).reshape(-1)
+    np.add.at(mass, np.asarray(index).reshape(-1), magnitude)
+    return features @ mass / max(mass.sum(), 1e-300), features.mean(1)
+
+def top_feature(features, index, loss_change, min_base=0.01):
+    """The feature the outliers carry most over its base rate (`feature_shares`; base rate >= min_base).
+    Returns (its index, that ratio). Needs `feature_shares`."""
+    share, base = feature_shares(features, index, loss_change)
+    ratio = np.where(base >= min_base, share / np.maximum(base, 1e-300), -np.inf)
+    return int(np.argmax(ratio)), float(np.max(ratio))
+
+def early_layer_ratio(layer_values):
+    """Is the curvature in the early layers? The largest per-layer sharpness (`layer_sharpness`, [L] in module
+    order) among the first third of the layers (rounded up) over the largest among the others."""
+    early = math.ceil(len(layer_values) / 3)
+    return float(np.max(layer_values[:early]) / np.max(layer_values[early:]))
+
+def t_quantile(q, dof):
+    """The q-quantile of Student's t with `dof` degrees of freedom: its density integrated numerically from 0
+    (where the distribution function is ½ by symmetry, so heavy tails are not cut)."""
+    grid = np.linspace(0, 200, 400001)
+    density = np.exp(torch.distributions.StudentT(float(dof)).log_prob(torch.as_tensor(grid)).numpy())
+    cdf = 0.5 + np.concatenate([[0], np.cumsum((density[1:] + density[:-1]) / 2 * (grid[1] - grid[0]))])
+    return float(np.sign(q - 0.5) * grid[min(np.searchsorted(cdf, max(q, 1 - q)), len(grid) - 1)])
+
+def t_interval(values, level=0.95):
+    """Mean of the finite `values` and its Student t interval mean ± q·sd/√n, q the (1 + level)/2 quantile of
+    t with n − 1 degrees of freedom. Returns (mean, low, high); low and high nan for fewer than 2 values.
+    Needs `t_quantile`."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return (float(values.mean()) if len(values) else math.nan), math.nan, math.nan
+    half = t_quantile((1 + level) / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean()), float(values.mean() - half), float(values.mean() + half)
+
+def detectable_effect(sd, n, power=0.8, level=0.95):
+    """The smallest mean paired difference that n paired seeds with standard deviation sd detect (the t
+    interval excludes zero) with probability `power`: (t_(1+level)/2 + t_power) · sd / √n, t with n − 1
+    degrees of freedom. Needs `t_quantile`."""
+    return (t_quantile((1 + level) / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
