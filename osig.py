@@ -1,22 +1,19 @@
 """
-osig.py: a small, readable reproduction of "Outliers with Opposing Signals Have an Outsized Effect on Neural
-Network Optimization" (Rosenfeld & Risteski, ICLR 2024). Read it top to bottom: each section uses only what
-came before it.
+osig.py: a readable reproduction of "Outliers with Opposing Signals Have an Outsized Effect on Neural Network
+Optimization" (Rosenfeld & Risteski, ICLR 2024). Each section uses only what came before it.
   1. Sharpness      the objective, measuring without side effects, Hessian-vector products, Lanczos.
   2. Training       one loop for GD and minibatch optimizers, one hook; the edge of stability, one time axis.
-  3. Outliers       per-example losses, gradients and curvatures; where the curvature lives; the examples one
-                    GD step moves most, split into opposing groups; what the parameters tell about them.
-  4. Features       what the groups share: the sky rule, planted and swapped backgrounds, colour probes,
-                    characters, and surrogates with the data's class statistics and no shared feature.
+  3. Outliers       per-example losses, gradients, curvatures; a GD step's outliers and their opposing groups.
+  4. Features       what the groups share: sky, backgrounds, colour probes, characters; null surrogates.
   5. Linear model   a two-layer linear network with an opposing feature: its sharpness in closed form.
   6. Toy network    a small ReLU network on a rare, large input: the mechanism end to end.
   7. Adam and SGD   preconditioned sharpness, split-update SGD, opposing groups under minibatch noise.
   Appendices        A: the larger models. B: the data files. C: scoring the claims (null draws, z, intervals).
-A `loss_fn` maps (outputs [B, C], labels [B]) to per-example losses [B]; the objective is their mean. A
-language model's outputs are [B, T, C] and labels [B, T]: each (sequence, position) is one example, and
-per-example arrays are flat over B·T. Flat parameter vectors follow the trainable parameters in module order.
-Measurements are of the deterministic objective (eval mode: `preserved`). Every public function works pasted
-alone with the imports below and the helpers its docstring names after "Needs" (and theirs).
+A `loss_fn` maps (outputs [B, C], labels [B]) to per-example losses [B]; the objective is their mean. For a
+language model, outputs [B, T, C] and labels [B, T]: each (sequence, position) is one example, and per-example
+arrays are flat over B·T. Flat parameter vectors follow the trainable parameters in module order. Measurements
+are of the deterministic objective (eval mode). Every public function works pasted alone with the imports
+below and the helpers its docstring names after "Needs" (and theirs).
 """
 
 import codecs
@@ -40,21 +37,18 @@ import torch.nn.functional as F
 # ------------------------------------------------------------ 1. Sharpness
 
 def mse_loss(outputs, labels):
-    """Per-example squared error to one-hot targets, ½ Σ_c (outputs[i, c] − 1[c = labels[i]])², summed (not
-    averaged) over classes as in Cohen et al.: outputs [B, C], integer labels [B] -> [B] ([B, T, C], [B, T] ->
-    [B, T])."""
+    """Per-example squared error to one-hot targets, ½ Σ_c (outputs[i, c] − 1[c = labels[i]])², summed over
+    classes as in Cohen et al.: [B, C], [B] -> [B]; [B, T, C], [B, T] -> [B, T]."""
     # a comparison rather than F.one_hot, which checks label values and so cannot run under vmap
     classes = torch.arange(outputs.shape[-1], device=outputs.device)
     return 0.5 * (outputs - (labels.unsqueeze(-1) == classes).to(outputs.dtype)).pow(2).sum(-1)
 
 def cross_entropy_loss(outputs, labels):
-    """Per-example cross-entropy −log softmax(outputs[i])[labels[i]]: [B, C], [B] -> [B]; [B, T, C], [B, T] ->
-    [B, T]."""
+    """Per-example −log softmax(outputs[i])[labels[i]]: [B, C], [B] -> [B]; [B, T, C], [B, T] -> [B, T]."""
     return F.cross_entropy(outputs.flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
 
 def trainable(model):
-    """The parameters a measurement differentiates (requires_grad, in module order); a ValueError naming the
-    fix when there are none or autograd is off."""
+    """The requires_grad parameters in module order; a ValueError when there are none or autograd is off."""
     if torch.is_inference_mode_enabled():
         raise ValueError("osig needs autograd, which torch.inference_mode() turns off: call it outside")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -63,10 +57,8 @@ def trainable(model):
     return params
 
 def checked_forward(model, loss_fn, x, y):
-    """outputs = model(x) and per-example losses = loss_fn(outputs, y), after the checks a wrong call would
-    otherwise pass silently: one label per example; integer labels in 0..C−1 for C > 1 class scores (MSE would
-    make any other label an all-zero target); one loss per label (an averaging loss_fn would make N examples
-    one)."""
+    """model(x) and loss_fn(model(x), y), checked for what would pass silently: one label per example, integer
+    labels 0..C−1 for C > 1 outputs (MSE makes others all-zero targets), one loss per label."""
     if len(x) == 0 or len(x) != len(y):
         raise ValueError(f"x has {len(x)} examples and y {len(y)}: pass one label per example (N >= 1)")
     outputs = model(x)
@@ -82,9 +74,8 @@ def checked_forward(model, loss_fn, x, y):
 
 @contextmanager
 def preserved(model):
-    """Measure without side effects: inside, the model is in eval mode (dropout off, batch norm on its running
-    statistics: the deterministic objective) with gradients on; on exit every module's train flag and the CPU
-    and CUDA random states are restored, so a measurement changes nothing in training."""
+    """Inside: eval mode (dropout off, batch norm on running statistics: the deterministic objective),
+    gradients on; on exit every module's train flag and the CPU and CUDA RNG states are restored."""
     modes = [(module, module.training) for module in model.modules()]
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     states = torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
@@ -105,8 +96,8 @@ def unflatten(vector, params):
 
 @contextmanager
 def shifted(model, vector):
-    """The trainable parameters moved to θ + vector (flat [P]) inside, restored exactly on exit: a trial step
-    of gradient descent is shifted(model, −lr·g). Needs `trainable`, `unflatten`."""
+    """The trainable parameters at θ + vector (flat [P]) inside, restored exactly on exit: a trial GD step is
+    shifted(model, −lr·g). Needs `trainable`, `unflatten`."""
     params = trainable(model)
     saved = [p.detach().clone() for p in params]
     with torch.no_grad():
@@ -120,11 +111,10 @@ def shifted(model, vector):
                 p.copy_(value)
 
 def hessian_operator(model, loss_fn, x, y, chunk=None):
-    """The Hessian H of the mean loss L = (1/N) Σ_i ℓ_i over (x, y) as a function v [P] -> H v [P]; use it
-    inside `preserved`. In one chunk the gradient graph g = ∇L is built once and each product is one backward
-    pass of <g, v>; in chunks of rows each product adds d/dθ <∇(Σ_chunk ℓ_i)/N, v> (a forward, a backward and
-    a double backward each), exactly H v when examples do not interact. Needs `trainable`, `checked_forward`,
-    `unflatten`."""
+    """The Hessian H of the mean loss L = (1/N) Σ_i ℓ_i over (x, y) as v [P] -> H v [P], for use inside
+    `preserved`. In one chunk g = ∇L is built once and each product is a backward pass of <g, v>; in chunks of
+    rows each product sums d/dθ <∇(Σ_chunk ℓ_i)/N, v> (a forward, backward and double backward each), exact
+    when examples do not interact. Needs `trainable`, `checked_forward`, `unflatten`."""
     params, n, chunk = trainable(model), y.numel(), chunk or len(x)
 
     def gradient(start):
@@ -143,23 +133,18 @@ def hessian_operator(model, loss_fn, x, y, chunk=None):
                          for start in range(0, len(x), chunk))
 
 def hvp(model, loss_fn, x, y, v, chunk=None):
-    """One Hessian-vector product H v (flat [P]) of the mean loss over (x, y), without side effects. Needs
-    `hessian_operator`, `preserved`."""
+    """H v (flat [P]) of the mean loss over (x, y), no side effects. Needs `hessian_operator`, `preserved`."""
     with preserved(model):
         return hessian_operator(model, loss_fn, x, y, chunk)(v)
 
 def lanczos(matvec, dim, k=1, iters=100, tol=1e-6, seed=0, v0=None, dtype=torch.float64, device="cpu"):
-    """The k largest (algebraic) eigenpairs of a symmetric operator matvec: [dim] -> [dim] by Lanczos.
-
-    An orthonormal basis q_1, q_2, ... of the Krylov space span{v0, A v0, A² v0, ...} comes from the
-    recurrence w = A q_j − α_j q_j − β_{j−1} q_{j−1}, α_j = q_j·A q_j, β_j = |w|, re-orthogonalized twice
-    against every q ("twice is enough"), so rounding never brings converged directions back. The eigenvalues θ
-    of the tridiagonal T = Qᵀ A Q (Ritz values) approach the extreme eigenvalues, with residuals |A y − θ y| =
-    β_m |s_m| for free. It stops when the top k residuals are <= tol·max|θ|, after `iters` products, or when
-    the space fills R^dim; on breakdown (an invariant subspace) it goes on from a random orthogonal vector, so
-    a warm start v0 [dim] (or [dim, m], columns summed) that is an exact eigenvector still finds the others.
-    Returns eigenvalues float64 [k] (descending), eigenvectors [dim, k] and residuals [k]; a non-finite
-    product raises FloatingPointError."""
+    """The k largest (algebraic) eigenpairs of a symmetric operator matvec: [dim] -> [dim] by Lanczos: a
+    Krylov basis from w = A q_j − α_j q_j − β_{j−1} q_{j−1}, α_j = q_j·A q_j, β_j = |w|, re-orthogonalized
+    twice against every q; the Ritz values θ (eigenvalues of T = Qᵀ A Q) have residuals |A y − θ y| = β_m
+    |s_m|. It stops when the top k residuals are <= tol·max|θ|, after `iters` products, or when the space
+    fills R^dim; on breakdown it goes on from a random orthogonal vector, so a warm start v0 [dim] (or [dim,
+    m], columns summed) that is an exact eigenvector still finds the others. Returns eigenvalues float64 [k]
+    (descending), eigenvectors [dim, k], residuals [k]; a non-finite product raises FloatingPointError."""
     if not 1 <= k <= dim:
         raise ValueError(f"lanczos: k={k} eigenpairs of a {dim}-dimensional operator: need 1 <= k <= dim")
     iters, generator = min(max(iters, k), dim), torch.Generator().manual_seed(seed)
@@ -198,11 +183,10 @@ def lanczos(matvec, dim, k=1, iters=100, tol=1e-6, seed=0, v0=None, dtype=torch.
     return torch.as_tensor(theta[top].copy()), eigenvectors, torch.as_tensor(residuals.copy())
 
 def top_eigenvalues(model, loss_fn, x, y, k=1, chunk=None, iters=100, tol=1e-3, seed=0, v0=None, scale=None):
-    """Sharpness: the k largest eigenvalues of the Hessian H of the mean loss over (x, y) (`lanczos` on
-    `hessian_operator`, inside `preserved`). Given a flat scale s [P], those of diag(s) H diag(s): s = P^-1/2
-    gives the sharpness an optimizer with diagonal preconditioner P sees (its eigenvectors are whitened: s ⊙ u
-    is a parameter direction), a 0/1 mask gives one block of H. Returns eigenvalues float64 [k], eigenvectors
-    [P, k] and residuals [k]. Needs `trainable`, `preserved`, `hessian_operator`, `lanczos`."""
+    """Sharpness: the k largest eigenvalues of the Hessian H of the mean loss over (x, y); given a flat scale
+    s [P], of diag(s) H diag(s): s = P^-1/2 gives the sharpness a diagonal preconditioner P sees (s ⊙ u is
+    then a parameter direction), a 0/1 mask one block of H. Returns eigenvalues float64 [k], eigenvectors [P,
+    k], residuals [k]. Needs `trainable`, `preserved`, `hessian_operator`, `lanczos`."""
     params = trainable(model)
     dim = sum(p.numel() for p in params)
     if not 1 <= k <= dim:
@@ -218,10 +202,9 @@ def top_eigenvalues(model, loss_fn, x, y, k=1, chunk=None, iters=100, tol=1e-3, 
                        device=params[0].device)
 
 def sharpness_measure(loss_fn, x, y, every=20, k=1, chunk=None, iters=100, tol=1e-3, preconditioner=None):
-    """A `measure` hook for `train`: every `every` steps the top-k Hessian eigenvalues over (x, y),
-    warm-started from the last eigenvectors, as "eigenvalues"; given preconditioner (optimizer -> P [P] or
-    None), also those of P^-1/2 H P^-1/2 as "preconditioned_eigenvalues" (nan before P exists). A non-finite
-    sharpness raises FloatingPointError, which `train` reports as divergence. Needs `top_eigenvalues`."""
+    """A `train` hook: every `every` steps the top-k Hessian eigenvalues over (x, y) as "eigenvalues"; given
+    preconditioner (optimizer -> P [P] or None), those of P^-1/2 H P^-1/2 as "preconditioned_eigenvalues" (nan
+    before P exists). A non-finite value raises FloatingPointError. Needs `top_eigenvalues`."""
     warm = {}
 
     def measure(step, model, optimizer):
@@ -243,8 +226,8 @@ def sharpness_measure(loss_fn, x, y, every=20, k=1, chunk=None, iters=100, tol=1
 # ------------------------------------------------------------ 2. Training
 
 def full_batch_gradient(model, loss_fn, x, y, chunk):
-    """Put ∇L of the mean loss into p.grad, `chunk` rows at a time (each adds ∇(Σ_chunk ℓ_i)/N). Returns every
-    example's loss [N] (flat over B·T) and the accuracy (nan for one output). Needs `checked_forward`."""
+    """∇L of the mean loss into p.grad, `chunk` rows at a time. Returns every example's loss [N] (flat over
+    B·T) and the accuracy (nan for one output). Needs `checked_forward`."""
     losses, correct = [], []
     for start in range(0, len(x), chunk):
         rows = slice(start, start + chunk)
@@ -255,18 +238,16 @@ def full_batch_gradient(model, loss_fn, x, y, chunk):
     return torch.cat(losses), float(torch.cat(correct).float().mean()) if outputs.shape[-1] > 1 else math.nan
 
 def minibatches(n, batch_size, generator):
-    """Endless minibatch indices: consecutive batch_size slices of a seeded permutation of range(n), a new one
-    each epoch (a last, partial slice is skipped). Replaying the same generator gives the same batches."""
+    """Endless batches: full batch_size slices of a new seeded permutation of range(n) each epoch."""
     while True:
         order = torch.randperm(n, generator=generator)
         for start in range(0, n - batch_size + 1, batch_size):
             yield order[start:start + batch_size]
 
 def stability_threshold(optimizer):
-    """The sharpness above which an optimizer is unstable on a quadratic (Cohen et al. 2021, 2022): gradient
-    descent 2/lr, heavy-ball momentum μ (SGD, and SplitSGD on its own preconditioned sharpness) (2 + 2μ)/lr,
-    Adam (2 + 2β1)/((1 − β1) lr) on the sharpness of P^-1/2 H P^-1/2, P = sqrt(v̂) + ε. nan for other
-    optimizers."""
+    """The sharpness above which an optimizer is unstable on a quadratic (Cohen et al. 2021, 2022): GD 2/lr;
+    heavy-ball momentum μ (SGD, SplitSGD on its preconditioned sharpness) (2 + 2μ)/lr; Adam (2 + 2β1)/((1 −
+    β1) lr) on the sharpness of P^-1/2 H P^-1/2, P = sqrt(v̂) + ε; else nan."""
     group = optimizer.param_groups[0]
     if isinstance(optimizer, torch.optim.Adam):
         return (2.0 + 2.0 * group["betas"][0]) / ((1.0 - group["betas"][0]) * group["lr"])
@@ -276,18 +257,16 @@ def stability_threshold(optimizer):
 
 def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, measure=None, seed=0,
           log=print):
-    """Train `model` on (x, y) with a constructed torch `optimizer` for `steps` steps.
-
-    Full batch (batch_size None): the gradient of L(θ) = (1/N) Σ_i ℓ_i(θ) (`full_batch_gradient`), so that
-    torch.optim.SGD(lr) is gradient descent, and every ℓ_i(θ_t) comes free (per_example_loss [T, N]).
-    Minibatch: the next batch_size examples of a seeded reshuffle (`minibatches`); loss and accuracy are the
-    minibatch's. measure(step, model, optimizer) -> dict or None runs at θ_t with the gradient in p.grad,
-    before the update, inside `preserved`; its dicts are kept in history["measured"] with their step.
+    """Train `model` on (x, y) with a torch `optimizer` for `steps` steps. Full batch (batch_size None): the
+    gradient of L(θ) = (1/N) Σ_i ℓ_i(θ), so SGD(lr) is GD and every ℓ_i(θ_t) comes free (per_example_loss [T,
+    N]); minibatch: the next batch_size examples of a seeded reshuffle, loss and accuracy the minibatch's.
+    measure(step, model, optimizer) -> dict or None runs at θ_t before the update, gradient in p.grad, inside
+    `preserved`; its dicts go to history["measured"] with their step.
 
     A non-finite loss, or a FloatingPointError from measure, ends the run with history["diverged"], a message
-    naming the `stability_threshold`; the steps not run stay nan, so every array keeps its length: loss,
-    accuracy, grad_norm [T] and per_example_loss [T, N] (empty for minibatches). Needs `trainable`,
-    `full_batch_gradient`, `minibatches`, `checked_forward`, `preserved`, `stability_threshold`."""
+    naming the `stability_threshold`; unrun steps stay nan in loss, accuracy, grad_norm [T] and
+    per_example_loss [T, N] (empty for minibatches). Needs `trainable`, `full_batch_gradient`, `minibatches`,
+    `checked_forward`, `preserved`, `stability_threshold`."""
     params, chunk = trainable(model), chunk or len(x)
     if steps < 0 or chunk < 1 or (batch_size is not None and not 1 <= batch_size <= len(x)):
         raise ValueError(f"train: need steps >= 0 (got {steps}), chunk >= 1 (got {chunk}) and batch_size "
@@ -314,7 +293,8 @@ def train(model, x, y, loss_fn, optimizer, steps, batch_size=None, chunk=None, m
                                            .norm())
         try:
             if not math.isfinite(history["loss"][step] + history["grad_norm"][step]):
-                raise FloatingPointError(f"loss {history['loss'][step]}, gradient norm {history['grad_norm'][step]}")
+                raise FloatingPointError(
+                    f"loss {history['loss'][step]}, gradient norm {history['grad_norm'][step]}")
             with preserved(model):
                 record = measure(step, model, optimizer) if measure else None
             history["measured"] += [dict(record, step=step)] if record else []
@@ -351,8 +331,8 @@ def evaluate(model, loss_fn, x, y, chunk=1024):
     return float(losses.mean()), accuracy
 
 def first_reach(steps, values, level):
-    """The first step at which `values` [E], measured at `steps` [E], reach `level`, interpolated linearly
-    between the measurements before and at it (steps[0] if the first already does); nan if never."""
+    """The first step at which `values` [E], measured at `steps` [E], reach `level`, linearly interpolated
+    (steps[0] if the first does); nan if never."""
     steps, values = np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
     above = np.flatnonzero(values >= level)
     if len(above) == 0:
@@ -364,12 +344,10 @@ def first_reach(steps, values, level):
     return float(steps[i - 1] + fraction * (steps[i] - steps[i - 1]))
 
 def edge_of_stability(steps, sharpness, threshold, length):
-    """The one time axis of a run of `length` steps whose sharpness [E] was measured at `steps` [E]: crossing,
-    the first time it reaches the threshold (2/lr for GD; interpolated, nan if never); after, the first
-    measured step at or past the crossing, where every "after the crossing" starts (`length` if never);
-    approach, the steps from 0.8 x the threshold to the crossing (a duration, which the starting sharpness
-    does not set); start_ratio, λ(steps[0]) / threshold; hover, the median |λ / threshold − 1| from `after`
-    on. Needs `first_reach`."""
+    """The time axis of a run of `length` steps, sharpness [E] measured at `steps` [E]: crossing, when it
+    first reaches the threshold (2/lr for GD; interpolated, nan if never); after, the first measured step at
+    or past it (`length` if never); approach, the steps from 0.8 x threshold to the crossing; start_ratio,
+    λ(steps[0]) / threshold; hover, the median |λ / threshold − 1| from `after` on. Needs `first_reach`."""
     steps, sharpness = np.asarray(steps), np.asarray(sharpness, dtype=np.float64)
     crossing = first_reach(steps, sharpness, threshold) if len(steps) else math.nan
     after = int(steps[np.searchsorted(steps, crossing)]) if math.isfinite(crossing) else length
@@ -380,15 +358,13 @@ def edge_of_stability(steps, sharpness, threshold, length):
             "hover": float(np.median(hover)) if len(hover) else math.nan}
 
 def measurable(steps, start, stop, length, span=0):
-    """Which measurements (at steps [E]) fall in [start, stop) and leave `span` steps before the run's end
-    (`length`) to watch what follows: bool [E]. After the crossing: measurable(steps, after, length, length,
-    span)."""
+    """Measurements (steps [E]) in [start, stop) with `span` steps left before `length`: bool [E]."""
     steps = np.asarray(steps)
     return (steps >= start) & (steps < stop) & (steps + span <= length)
 
 def sharpening_rate(steps, sharpness, start, stop):
     """Progressive sharpening over [start, stop]: (λ(stop) − λ(start)) / (stop − start) · 100, the rise per
-    100 steps, λ interpolated between measurements (steps [E], sharpness [E]); nan for an empty window."""
+    100 steps, λ interpolated (steps [E], sharpness [E]); nan for an empty window."""
     if not stop > start:
         return math.nan
     rise = np.interp(stop, steps, sharpness) - np.interp(start, steps, sharpness)
@@ -397,17 +373,15 @@ def sharpening_rate(steps, sharpness, start, stop):
 # ------------------------------------------------------------ 3. Outliers and opposing groups
 
 def per_example_losses(model, loss_fn, x, y, chunk=1024):
-    """loss_fn(model(x), y) for every example without gradients or side effects: [N], flat over B·T for a
-    language model (`train` records them free during full-batch training). Needs `checked_forward`,
-    `preserved`."""
+    """loss_fn(model(x), y) per example, without gradients or side effects: [N], flat over B·T for a language
+    model. Needs `checked_forward`, `preserved`."""
     with preserved(model), torch.no_grad():
         return torch.cat([checked_forward(model, loss_fn, x[s:s + chunk], y[s:s + chunk])[1].reshape(-1)
                           for s in range(0, len(x), chunk)])
 
 def per_example_grads(model, loss_fn, x, y, chunk=256, positions=None):
-    """G[i] = ∇θ loss_fn(model(x[i:i+1]), y[i:i+1]): [n, P], by vmap of grad of a functional_call, `chunk`
-    rows at a time, inside `preserved`. A language model's row i counts position positions[i] (None: its
-    summed losses). Needs `trainable`, `checked_forward`, `preserved`."""
+    """G[i] = ∇θ loss_fn(model(x[i:i+1]), y[i:i+1]): [n, P], by vmap of grad; a language model's row i counts
+    position positions[i] (None: all). Needs `trainable`, `checked_forward`, `preserved`."""
     from torch.func import functional_call, grad, vmap
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     first, per_row = trainable(model)[0], y[0].numel()
@@ -434,10 +408,8 @@ def per_example_grads(model, loss_fn, x, y, chunk=256, positions=None):
     return result
 
 def per_example_curvature(model, loss_fn, x, y, v, chunk=1024):
-    """Each example's curvature along a unit direction v [P]: c_i = d²/dt² ℓ_i(θ + t v) at t = 0, so that vᵀ H
-    v = (1/N) Σ_i c_i, for all examples at once by a forward-mode product of a forward-mode product (jvp of
-    jvp), inside `preserved`. Returns float64 [N] (flat over B·T). Needs `trainable`, `checked_forward`,
-    `preserved`, `unflatten`."""
+    """c_i = d²/dt² ℓ_i(θ + t v) at t = 0 along a unit direction v [P], so that vᵀ H v = (1/N) Σ_i c_i, by jvp
+    of jvp: float64 [N] (flat over B·T). Needs `trainable`, `checked_forward`, `preserved`, `unflatten`."""
     from torch.func import functional_call, jvp
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     params = [p.detach() for p in trainable(model)]
@@ -460,9 +432,8 @@ def per_example_curvature(model, loss_fn, x, y, v, chunk=1024):
     return torch.cat(result).double().cpu().numpy()
 
 def group_gradients(model, loss_fn, x, y, groups):
-    """Each group's share g_k = ∇θ (Σ_{i in k} ℓ_i) / N of the full-batch gradient, one backward pass per bool
-    mask [N] (flat over B·T); disjoint groups that cover the data sum to ∇L. Flat [P] each. Needs `trainable`,
-    `checked_forward`, `preserved`."""
+    """Each group's share g_k = ∇θ (Σ_{i in k} ℓ_i) / N of ∇L, flat [P], per bool mask [N] (flat over B·T);
+    disjoint groups covering the data sum to ∇L. Needs `trainable`, `checked_forward`, `preserved`."""
     params = trainable(model)
     with preserved(model):
         losses = checked_forward(model, loss_fn, x, y)[1].reshape(-1)
@@ -471,10 +442,9 @@ def group_gradients(model, loss_fn, x, y, groups):
             part, params, retain_graph=True, materialize_grads=True)]) for part in sums]
 
 def parameter_layers(model):
-    """The trainable parameters' layers, in module order: every LayerNorm or BatchNorm in one group "norms";
-    otherwise a module's name up to the part after its first all-digit part ("net.1", "blocks.0.attention",
-    "blocks.0.mlp"), or the module's own name ("embed", "head", "" for parameters of the model itself, named
-    by the parameter: "position"). Returns (names [L], the layer of every flat entry int64 [P])."""
+    """The trainable parameters' layers, from the input side: a module's name up to the part after its first
+    all-digit part ("blocks.0.mlp"), or its own name ("embed", "head"), in module order, and last all norms in
+    one "norms" (they scale every layer). Returns (names [L], each flat entry's layer int64 [P])."""
     names, index = [], []
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
@@ -486,12 +456,12 @@ def parameter_layers(model):
                 ".".join(parts[:digit + 2]) if digit is not None else module_name or name)
             names += [layer] if layer not in names else []
             index.append(np.full(p.numel(), names.index(layer), dtype=np.int64))
-    return names, np.concatenate(index)
+    order = sorted(range(len(names)), key=lambda k: names[k] == "norms")
+    return [names[k] for k in order], np.argsort(order)[np.concatenate(index)]
 
 def layer_sharpness(model, loss_fn, x, y, scale=None, iters=30, tol=1e-2):
-    """Where the curvature lives: the top eigenvalue of each layer's diagonal block of the Hessian
-    (`top_eigenvalues` on the product restricted to the layer's entries; with scale [P], e.g. P^-1/2, of the
-    scaled operator), float64 [L] in `parameter_layers` order. Needs `parameter_layers`, `top_eigenvalues`."""
+    """The top eigenvalue of each layer's diagonal Hessian block (with scale [P], e.g. P^-1/2, of the scaled
+    Hessian): float64 [L] in `parameter_layers` order. Needs `parameter_layers`, `top_eigenvalues`."""
     trainable(model)
     names, index = parameter_layers(model)
     scale = torch.ones(len(index)) if scale is None else scale.cpu()
@@ -500,9 +470,8 @@ def layer_sharpness(model, loss_fn, x, y, scale=None, iters=30, tol=1e-2):
                      for mask in masks])
 
 def loss_change(model, loss_fn, x, y, lr):
-    """The step gradient descent would take, on trial: every Δℓ_i = ℓ_i(θ − lr·g) − ℓ_i(θ) (float64 [N], flat
-    over B·T; in full-batch training ℓ_i(θ_{t+1}) − ℓ_i(θ_t)) and g = ∇L [P]. Needs `trainable`,
-    `checked_forward`, `preserved`, `shifted`."""
+    """The GD step on trial: Δℓ_i = ℓ_i(θ − lr·g) − ℓ_i(θ) (float64 [N], flat over B·T) and g = ∇L [P]. Needs
+    `trainable`, `checked_forward`, `preserved`, `shifted`."""
     with preserved(model):
         losses = checked_forward(model, loss_fn, x, y)[1]
         gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses.mean(), trainable(model))])
@@ -510,26 +479,24 @@ def loss_change(model, loss_fn, x, y, lr):
             return (loss_fn(model(x), y) - losses.detach()).reshape(-1).double(), gradient
 
 def opposing_groups(loss_change, top):
-    """The outliers of a step and their opposing groups: the `top` examples by |Δℓ_i| (loss_change [N]),
-    largest first, and up, whether each one's loss rose. Returns (index int64 [top], up bool [top])."""
+    """A step's outliers: the `top` examples by |Δℓ_i| (loss_change [N]), largest first, and up, whether each
+    one's loss rose: (index int64 [top], up bool [top])."""
     change = torch.as_tensor(loss_change)
     index = torch.argsort(change.abs(), descending=True, stable=True)[:top]
     return index.cpu().numpy(), (change[index] > 0).cpu().numpy()
 
 def outlier_state(model, loss_fn, x, y, lr, eigenvalues, eigenvectors, top=30, bands=3, random=30, seed=0):
-    """What only the parameters at step t can tell about its outliers (everything else comes from the per-example
-    losses, which `train` records). The step is taken on trial (`loss_change`); the candidates are its outliers
-    (`opposing_groups`) and, for each class and sign of Δℓ among them, the next bands x as many examples of that
-    class and sign by |Δℓ| (topped up with the next ranks): the pool of their selection-matched draws. They and
-    `random` other examples get their gradients g_i.
+    """What only the parameters at step t tell about its outliers. The step is taken on trial (`loss_change`);
+    the candidates are its outliers (`opposing_groups`) and, per class and sign of Δℓ among them, the next
+    bands x as many by |Δℓ| (topped up with the next ranks), the pool for matched draws. They and `random`
+    others get gradients g_i.
 
-    Returns candidates [C = (1 + bands)·top] with their change [C] (Δℓ) and random [R]; unstable [C + R],
-    |Uᵀ g_i| / |g_i| with U the eigenvectors [P, k] whose eigenvalues reach 0.9·2/lr, and always v_1 (the
-    directions the step oscillates along); gram [C, C] = <h_i, h_j>, h_i the first layer's part of g_i with its
-    components along the first layer's parts of g and v_1 projected out (selecting by |Δℓ| ≈ lr|g_i·g|, and at
-    the edge by |g_i·v_1|, would otherwise oppose the groups' gradients by construction); curvature [N], each
-    example's v_1ᵀ H_i v_1 (`per_example_curvature`). Needs `loss_change`, `opposing_groups`,
-    `per_example_grads`, `per_example_curvature`, `parameter_layers`."""
+    Returns candidates [C = (1 + bands)·top], their change [C] (Δℓ), random [R]; unstable [C + R], |Vᵀ g_i| /
+    |g_i| with V the top-k eigenvectors [P, k] (one subspace size before and after the crossing; under MSE
+    several eigenvalues reach 2/lr together); gram [C, C] = <h_i, h_j>, h_i the first layer's part of g_i with
+    that of g and v_1 projected out (selection by |Δℓ| ≈ lr|g_i·g| would oppose the groups by construction);
+    curvature [N], each v_1ᵀ H_i v_1. Needs `loss_change`, `opposing_groups`, `per_example_grads`,
+    `per_example_curvature`, `parameter_layers`."""
     change, gradient = loss_change(model, loss_fn, x, y, lr)
     index, up = opposing_groups(change, top)
     keys = y.reshape(-1).cpu().numpy() * 2 + (change > 0).cpu().numpy()
@@ -541,11 +508,10 @@ def outlier_state(model, loss_fn, x, y, lr, eigenvalues, eigenvectors, top=30, b
     candidates = np.concatenate([index, pool[np.argsort(-np.abs(change.cpu().numpy()[pool]), kind="stable")]])
     others = np.setdiff1d(np.arange(len(change)), candidates)
     others = np.random.default_rng(seed).choice(others, min(random, len(others)), replace=False)
-    chosen, per_row = np.concatenate([candidates, others]), len(change) // len(x)   # T examples per row (text)
+    chosen, per_row = np.concatenate([candidates, others]), len(change) // len(x)   # T per row (text)
     g = per_example_grads(model, loss_fn, x[chosen // per_row], y[chosen // per_row],
                           positions=chosen % per_row if per_row > 1 else None)
-    unstable = (eigenvalues >= 0.9 * 2 / lr) | (torch.arange(len(eigenvalues)) == 0)
-    V = eigenvectors.to(g.dtype)[:, unstable.to(g.device)]
+    V = eigenvectors.to(g.dtype)
     first = torch.as_tensor(parameter_layers(model)[1] == 0, device=g.device)
     h, basis = g[:len(candidates), first], torch.linalg.qr(torch.stack([gradient, V[:, 0]], 1)[first])[0]
     h = h - (h @ basis) @ basis.T
@@ -554,28 +520,26 @@ def outlier_state(model, loss_fn, x, y, lr, eigenvalues, eigenvectors, top=30, b
             "gram": (h @ h.T).double().cpu().numpy(),
             "curvature": per_example_curvature(model, loss_fn, x, y, eigenvectors[:, 0])}
 
-def loss_spikes(loss, rise, window=20):
-    """Loss spike events: maximal runs of steps t with loss[t] − min(loss[t − window:t]) > rise (events, not
-    steps, so one long spike counts once). loss [T] -> int64 [events, 2], the first and last step of each."""
+def loss_spikes(loss, rise, lookback=20):
+    """Loss spikes: maximal runs of steps t with loss[t] − min(loss[t − lookback:t]) > rise, one event per
+    run. loss [T] -> int64 [events, 2], each one's first and last step."""
     loss = np.asarray(loss, dtype=np.float64)
-    high = [loss[t] - loss[t - window:t].min() > rise for t in range(window, len(loss))]
+    high = [loss[t] - loss[t - lookback:t].min() > rise for t in range(lookback, len(loss))]
     edges = np.diff(np.concatenate([[0], np.asarray(high, dtype=np.int8), [0]]))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
-    return np.stack([starts, ends], axis=1).astype(np.int64) + window
+    return np.stack([starts, ends], axis=1).astype(np.int64) + lookback
 
 def top_fraction_share(loss_change, fraction=0.01):
-    """How few examples carry a step: the share of the total |loss change| carried by the top `fraction` of
-    examples, [..., N] -> [...]. I.i.d. Gaussian changes give about 0.036 for fraction 0.01, Laplace ones
-    0.056."""
+    """The share of the total |loss change| carried by the top `fraction` of examples, [..., N] -> [...];
+    i.i.d. Gaussian changes give about 0.036 for fraction 0.01, Laplace 0.056."""
     magnitude = np.abs(np.asarray(loss_change, dtype=np.float64))
     top = max(1, math.ceil(fraction * magnitude.shape[-1]))
     return -np.sort(-magnitude, axis=-1)[..., :top].sum(-1) / np.maximum(magnitude.sum(-1), 1e-300)
 
 def antiphase(series, first, second):
-    """Anti-phase of two groups: the correlation of the step changes of their mean series, corr(diff(mean of
-    series[:, first]), diff(mean of series[:, second])), series [T, N]. Groups are index arrays [m] or bool
-    masks [N]; index arrays [D, m] give D pairs at once -> [D]. −1: one rises exactly when the other falls;
-    nan when a group is empty, T < 3 or a group's mean is flat."""
+    """corr(diff(mean of series[:, first]), diff(mean of series[:, second])), series [T, N]; groups are index
+    arrays [m] or bool masks [N], or index arrays [D, m] for D pairs -> [D]. −1: one rises exactly when the
+    other falls; nan for an empty group, T < 3 or a flat mean."""
     values = np.asarray(series, dtype=np.float64)
     first, second = (np.flatnonzero(g) if np.asarray(g).dtype == bool else np.asarray(g)
                      for g in (first, second))
@@ -588,9 +552,8 @@ def antiphase(series, first, second):
     return float(correlation) if np.ndim(correlation) == 0 else correlation
 
 def matched_examples(values, chosen, labels=None):
-    """A matched control for the examples `chosen`: for each in turn, the example neither chosen nor taken (of
-    the same label, given labels [N]) nearest in `values` [N] or [N, F] (columns standardized), without
-    replacement. Returns int64 [len(chosen)], −1 where no candidate is left."""
+    """A control for `chosen`: for each in turn, the nearest example in `values` [N] or [N, F] (standardized)
+    neither chosen nor taken, of the same label given labels [N]: int64 [len(chosen)], −1 if none."""
     values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
     values = (values - values.mean(0)) / np.maximum(values.std(0), 1e-300)
     available, result = np.ones(len(values), dtype=bool), []
@@ -603,11 +566,9 @@ def matched_examples(values, chosen, labels=None):
     return np.asarray(result, dtype=np.int64)
 
 def selection_draws(keys, index, pool, draws=1000, seed=0):
-    """Null groups that pass the same selection as the examples `index`: each draw replaces them, key by key (keys
-    [N]: e.g. class and sign of Δℓ), by as many examples of the same key from `pool` (indices: e.g. the next ranks
-    by |Δℓ|, examples that just missed the cut), without replacement unless the key has too few there. Random
-    examples would credit the outliers with what the selection alone gives. Returns int64 [draws, len(index)]
-    mirroring index, all −1 when a key has no example in the pool."""
+    """Null groups that pass the same selection as `index`: each draw replaces them key by key (keys [N], e.g.
+    class and sign of Δℓ) by as many of that key from `pool` (e.g. the next ranks by |Δℓ|), without
+    replacement unless too few. Returns int64 [draws, len(index)], all −1 when a key has none in the pool."""
     keys, index, pool = np.asarray(keys), np.asarray(index), np.asarray(pool)
     result, rng = np.full((draws, len(index)), -1, dtype=np.int64), np.random.default_rng(seed)
     slots = {key: np.flatnonzero(keys[index] == key) for key in np.unique(keys[index])}
@@ -620,42 +581,36 @@ def selection_draws(keys, index, pool, draws=1000, seed=0):
 
 # ------------------------------------------------------------ 4. Features the groups share
 #
-# A pixel rule defines the sky groups: they come from the images, not from the network. Planted, pasted and
-# swapped backgrounds put the feature where we control it; uniform colour probes show how the network uses the
-# colour itself; Gaussian and Markov surrogates keep the data's class statistics and drop every shared
-# feature, the null world.
+# A pixel rule defines the sky groups, from the images, not the network. Planted, pasted and swapped
+# backgrounds put the feature where we control it; uniform colour probes show how the network uses the colour;
+# Gaussian and Markov surrogates keep the class statistics and drop every shared feature.
 
 def sky_pixels(images):
-    """The sky rule per pixel, blue-dominant and not dark: B > R + 10, B >= G and B > 80 (0..255). images
-    uint8 [N, H, W, 3] -> bool [N, H, W]."""
+    """The sky rule per pixel: B > R + 10, B >= G, B > 80 (0..255). uint8 [N, H, W, 3] -> bool [N, H, W]."""
     red, green, blue = images.to(torch.int32).unbind(-1)
     return (blue > red + 10) & (blue >= green) & (blue > 80)
 
 def sky_groups(images, sky_at=0.7, clear_below=0.1, flat_below=20.0, rows=0.25):
-    """Images with a sky background (>= sky_at of the top `rows` are `sky_pixels`) and images clearly without
-    (<= clear_below, and a top whose luminance std is >= flat_below, so that grey and flat backgrounds stay
-    out of the control); ambiguous images are in neither. Returns (sky, no_sky) bool [N]. Needs `sky_pixels`.
-    """
+    """Images with a sky (>= sky_at of the top `rows` are `sky_pixels`) and images clearly without (<=
+    clear_below and top luminance std >= flat_below): (sky, no_sky) bool [N]. Needs `sky_pixels`."""
     top = images[:, :max(1, round(rows * images.shape[1]))]
     fraction = sky_pixels(top).flatten(1).float().mean(1)
     luminance_std = (top.float() @ torch.tensor([0.299, 0.587, 0.114])).flatten(1).std(1)
     return fraction >= sky_at, (fraction <= clear_below) & (luminance_std >= flat_below)
 
 def sky_pair(labels, sky, no_sky, first=(0,), second=(2, 8)):
-    """The sky pair and its controls, bool [N] each: sky images of the `first` classes (CIFAR-10: airplanes)
-    and of the `second` (birds and ships), then the clearly-no-sky images of the same classes (`sky_groups`).
-    """
+    """The sky pair and its controls, bool [N]: sky images of the `first` classes (airplanes) and the `second`
+    (birds, ships), then the `sky_groups` no-sky images of the same classes."""
     a, b = np.isin(labels, first), np.isin(labels, second)
     return sky & a, sky & b, no_sky & a, no_sky & b
 
 def make_planted_images(n=1000, num_classes=10, image_size=32, planted_classes=(0, 2), planted_fraction=0.25,
                         planted_strength=1.0, class_signal=5.0, noise=60.0, seed=0):
-    """Synthetic images with a planted pair of opposing signals: class c is 128 + class_signal·T_c + noise·z
-    (T_c a smooth random pattern, z Gaussian; class_signal 5 against noise 60 is weak evidence, 30 easy). A
-    `planted_fraction` of each of the `planted_classes` gets a sky-blue border (RGB 80, 150, 255 plus noise)
-    blended in with weight planted_strength: large, rare, and on two classes it carries no label information;
-    on one class it does. Returns images uint8 [n, H, W, 3], labels [n] and planted [n] (0: none; k: on
-    planted_classes[k − 1])."""
+    """Synthetic images with planted opposing signals: class c is 128 + class_signal·T_c + noise·z (T_c a
+    smooth random pattern, z Gaussian; class_signal 5 against noise 60 is hard, 30 easy). A `planted_fraction`
+    of each of `planted_classes` gets a sky-blue border (RGB 80, 150, 255 plus noise) blended in with weight
+    planted_strength: large, rare, and no evidence between those classes. Returns images uint8 [n, H, W, 3],
+    labels [n], planted [n] (0: none; k: on planted_classes[k − 1])."""
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.randn(num_classes, 3, 4, 4, generator=generator)
     templates = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False)
@@ -674,33 +629,28 @@ def make_planted_images(n=1000, num_classes=10, image_size=32, planted_classes=(
     return images.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous(), labels, planted
 
 def background_swap(images, masks, donors):
-    """Copies of images uint8 [N, H, W, 3] in which every image i with donors[i] >= 0 takes, at the pixels of
-    masks[i] [H, W], the pixels of image donors[i] at the same places: a sky replaced by another photograph's
-    texture, luminance and spectrum, not by a flat colour (which would itself be a large shared feature)."""
+    """Copies of images uint8 [N, H, W, 3] in which each i with donors[i] >= 0 takes image donors[i]'s pixels
+    at masks[i] [H, W]: a sky replaced by another photograph's, not by a flat colour."""
     swapped, masks = images.clone(), torch.as_tensor(masks, dtype=torch.bool)
     for i in np.flatnonzero(np.asarray(donors) >= 0):
         swapped[i][masks[i]] = images[donors[i]][masks[i]]
     return swapped
 
 def paste_top(images, rgb, rows=0.25, members=None):
-    """Copies of `images` whose top `rows` of rows is the uniform colour `rgb` (0..255), on every image or on
-    the `members` (indices): the sky rule in reverse."""
+    """Copies of `images` whose top `rows` of rows is the colour `rgb` (0..255), on all or on `members`."""
     images, members = images.clone(), slice(None) if members is None else torch.as_tensor(members).long()
     images[members, :max(1, round(rows * images.shape[1]))] = torch.tensor(rgb).round().to(torch.uint8)
     return images
 
 def uniform_probe(rgb, mean, std, size=32):
-    """A uniform image of colour `rgb` (0..255) normalized like the training data (mean, std [3] from
-    `normalize`): float32 [1, 3, size, size]."""
+    """A uniform image of colour `rgb` (0..255), normalized by mean, std [3]: float32 [1, 3, size, size]."""
     colour = torch.as_tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).round() / 255
     return ((colour - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).expand(1, 3, size, size).contiguous()
 
 def matched_probe(probe, x):
-    """The control of a uniform probe [1, 3, H, W] in normalized input space: a uniform image whose channel
-    vector c' has the probe's norm |c| and the same data variance c'ᵀ M c' = cᵀ M c (M [3, 3], the covariance
-    over the images x [N, 3, H, W] of their per-channel sums, so that cᵀ M c is the data's variance along the
-    probe), and is as nearly orthogonal to c as that allows: another hue that the images vary along as much,
-    not the sky axis's other end."""
+    """The control of a uniform probe [1, 3, H, W] in normalized space: a uniform image whose channel vector
+    c' has the probe's norm |c| and variance c'ᵀ M c' = cᵀ M c (M [3, 3] the covariance of the per-channel
+    sums of x [N, 3, H, W]), as nearly orthogonal to c as that allows."""
     c, sums = probe[0, :, 0, 0].double(), x.double().sum((2, 3))
     M = torch.cov(sums.T)
     u = torch.randn(20000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -712,9 +662,8 @@ def matched_probe(probe, x):
     return u[cosine.argmin()].to(probe.dtype).view(1, 3, 1, 1).expand_as(probe).contiguous()
 
 def token_features(x, y, vocabulary):
-    """Named features of every token example (sequence i, position t), flat over B·T: its target character
-    ("target 'e'") and its input, the previous character ("after ' '"). Returns (names [F], bool masks [F,
-    B·T]): the masks' columns are each example's one-hot character pair."""
+    """Named features of every token example, flat over B·T: its target ("target 'e'") and input ("after ' '")
+    character. Returns (names [F], bool masks [F, B·T])."""
     inputs, targets = x.reshape(-1).numpy(), y.reshape(-1).numpy()
     names = [f"target {vocabulary[c]!r}" for c in np.unique(targets)] + [f"after {vocabulary[c]!r}"
                                                                           for c in np.unique(inputs)]
@@ -722,19 +671,15 @@ def token_features(x, y, vocabulary):
     return names, np.stack(masks)
 
 def unit_features(features):
-    """Each example's features [N, ...] (pixels, or a token's one-hot characters) centred on their mean over
-    the examples and scaled to unit length: float32 [N, D], so that a dot product is a cosine beyond the
-    average example."""
+    """Features [N, ...] centred on their mean over examples and scaled to unit length: float32 [N, D]."""
     centred = torch.as_tensor(np.asarray(features), dtype=torch.float32).flatten(1)
     centred = centred - centred.mean(0)
     return (centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-30)).numpy()
 
 def gaussian_surrogate(images, labels, components=300, seed=0):
-    """The images with their second-order statistics and nothing else: image i is its class's mean plus a
-    Gaussian draw with the within-class covariance (pooled over classes) on its top `components` principal
-    components and an isotropic rest (the mean of the remaining eigenvalues), clipped to 0..255. No rare
-    subgroup and no shared feature beyond the class means: the null world that calibrates every selection
-    statistic. uint8 [N, H, W, 3] -> the same."""
+    """The images with their second-order statistics only: the class mean plus a Gaussian draw with the pooled
+    within-class covariance on its top `components` principal components and an isotropic rest (mean of the
+    remaining eigenvalues), clipped to 0..255; the null world. uint8 [N, H, W, 3] -> the same."""
     x, labels = images.reshape(len(images), -1).double(), torch.as_tensor(labels)
     means = torch.zeros(int(labels.max()) + 1, x.shape[1], dtype=torch.float64).index_add_(0, labels, x)
     means = means / torch.bincount(labels, minlength=len(means)).clamp_min(1)[:, None].double()
@@ -748,9 +693,8 @@ def gaussian_surrogate(images, labels, components=300, seed=0):
     return (means[labels] + draw).clamp(0, 255).round().to(torch.uint8).view_as(images)
 
 def markov_surrogate(tokens, n, length, seed=0):
-    """n character sequences [n, length] with the corpus's unigram and bigram statistics and nothing
-    longer-range: a Markov chain whose transitions are the bigram frequencies of `tokens` [L], started from
-    the unigram ones."""
+    """n sequences [n, length] with the unigram and bigram statistics of `tokens` [L] and nothing
+    longer-range: a Markov chain on the bigram frequencies, started from the unigram ones."""
     vocabulary = int(tokens.max()) + 1
     unigram = torch.bincount(tokens, minlength=vocabulary).double()
     bigram = torch.zeros(vocabulary, vocabulary, dtype=torch.float64).index_put_(
@@ -764,39 +708,34 @@ def markov_surrogate(tokens, n, length, seed=0):
 
 # ------------------------------------------------------------ 5. Two-layer linear model
 #
-# OUR RECONSTRUCTION of the paper's two-layer linear model of opposing signals (its text is not available to
-# us), derived from first principles and checked against simulation. f(x) = bᵀA x, A [h, d], b [h], w = Aᵀb; L
-# = (1/N) Σ_i ½ (f(x_i) − y_i)², r_i = f(x_i) − y_i, Σ = (1/N) Σ_i x_i x_iᵀ, g = ∇_w L = (1/N) Σ_i r_i x_i.
+# OUR RECONSTRUCTION of the paper's two-layer linear model, derived by us and checked against simulation. f(x)
+# = bᵀA x, A [h, d], b [h], w = Aᵀb; L = (1/N) Σ_i ½ (f(x_i) − y_i)², r_i = f(x_i) − y_i, Σ = (1/N) Σ_i x_i
+# x_iᵀ, g = ∇_w L = (1/N) Σ_i r_i x_i.
 #
 # Hessian. Along (Ȧ, ḃ) the output moves by ḟ_i = ẇᵀx_i with ẇ = Ȧᵀb + Aᵀḃ, and f̈_i = 2 ḃᵀȦ x_i, so
 #     (Ȧ, ḃ)ᵀ H (Ȧ, ḃ) = ẇᵀ Σ ẇ + 2 ḃᵀȦ g        (Gauss-Newton + residual term, of eigenvalues ±|g|).
-# Data (`make_opposing_signal_data`): x = (x_o, x_g) with Σ = diag(p α², scales²) exactly, p the fraction of
-# examples carrying the opposing feature x_o = ±α. Along θ_o = (b e_oᵀ, a)/√S, a = A e_o, S = |a|² + |b|²,
-# with the opposing weight w_o = aᵀb and g_o = p α² w_o:   θ_oᵀ H θ_o = p α² S + |Σ_g^½ A_gᵀ a|² / S + 2 p α²
-# w_o² / S. x_o carries no signal (its best weight is 0) and its gradient ∇_a L = p α² w_o b only ever shrinks
-# w_o, so |a| stays at its initial scale and the last two terms are small: when p α² exceeds the genuine
-# scales, θ_o is the top eigenvector and the sharpness is ≈ p α² (|b|² + |A e_o|²) ≈ p α² |b|². Depth makes it
-# grow: under gradient flow AAᵀ − bbᵀ is conserved, so from a small init A ≈ b uᵀ, w = |b|² u and |b|² = |w|:
-# the sharpness grows with the learned genuine signal up to p α² |β| (progressive sharpening: depth acting on
-# a large, useless feature).
+# Data (`make_opposing_signal_data`): x = (x_o, x_g) with Σ = diag(p α², scales²), p the fraction of examples
+# carrying x_o = ±α. Along θ_o = (b e_oᵀ, a)/√S, a = A e_o, S = |a|² + |b|², with w_o = aᵀb and g_o = p α²
+# w_o:   θ_oᵀ H θ_o = p α² S + |Σ_g^½ A_gᵀ a|² / S + 2 p α² w_o² / S. x_o carries no signal and its gradient
+# ∇_a L = p α² w_o b only shrinks w_o, so |a| stays small, and so do the last two terms: when p α² exceeds the
+# genuine scales, θ_o is the top eigenvector and the sharpness is ≈ p α² (|b|² + |A e_o|²) ≈ p α² |b|². Depth
+# makes it grow: under gradient flow AAᵀ − bbᵀ is conserved, so from a small init A ≈ b uᵀ, w = |b|² u and
+# |b|² = |w|: the sharpness grows with the learned genuine signal up to p α² |β| (progressive sharpening).
 #
 # Edge of stability. Where the genuine part is fit, one GD step of size η moves only the opposing block,
 # exactly
 #     w_o -> (1 − η λ + (η p α² w_o)²) w_o,     S -> S − η p α² w_o² (4 − η λ),     λ = p α² S.
-# Once λ > 2/η the opposing weight flips sign every step and grows by |1 − η λ|; the groups s = ±1 see their
-# outputs shifted by ±α w_o, so their losses alternate (L+ − L− = −2 α offset w_o exactly); and for 2 < η λ <
-# 4 the oscillation shrinks S by an amount ∝ w_o², so the sharpness falls back towards 2/η
-# (self-stabilization).
+# Once λ > 2/η, w_o flips sign every step and grows by |1 − η λ|; the groups s = ±1 see outputs shifted by ±α
+# w_o, so their losses alternate (L+ − L− = −2 α offset w_o); for 2 < η λ < 4 the oscillation shrinks S by ∝
+# w_o², so the sharpness falls back towards 2/η (self-stabilization).
 
 def make_opposing_signal_data(n_pairs=200, n_plain=800, alpha=7.0, scales=(1.0, 0.7, 0.5, 0.35, 0.25),
                               beta=None, offset=0.5, seed=0, dtype=torch.float64):
     """Regression data with one large, rare feature that opposes itself (OUR RECONSTRUCTION). x = (x_o, x_g)
-    [N, 1 + k]: genuine features x_g whitened to a second moment of exactly diag(scales²) on both kinds of
-    example (the identities hold over the data); x_o = α s, with s = +1 and s = −1 on each of n_pairs
-    signal-bearing x_g and s = 0 on the n_plain others, so E[x_o] = E[x_o x_g] = E[x_o y] = 0 and E[x_o²] = p
-    α², p = 2 n_pairs / N. y = βᵀx_g + offset·|s|: the offset depends on |x_o| only, which no linear function
-    fits, so a weight on x_o helps one group and hurts the other (a ReLU network can compute |x_o|). Returns
-    x, y, sign [N]."""
+    [N, 1 + k]: x_g whitened to second moment exactly diag(scales²) on both kinds of example; x_o = α s, s =
+    ±1 on each of n_pairs signal-bearing x_g and 0 on n_plain others, so E[x_o] = E[x_o x_g] = E[x_o y] = 0
+    and E[x_o²] = p α², p = 2 n_pairs / N. y = βᵀx_g + offset·|s|, which no linear function fits: a weight on
+    x_o helps one group and hurts the other. Returns x, y, sign [N]."""
     generator = torch.Generator().manual_seed(seed)
     scales = torch.as_tensor(scales, dtype=torch.float64)
     beta = torch.ones(len(scales)) if beta is None else torch.as_tensor(beta)
@@ -814,9 +753,8 @@ def make_opposing_signal_data(n_pairs=200, n_plain=800, alpha=7.0, scales=(1.0, 
     return x.to(dtype), (genuine @ beta + offset * sign.abs().to(torch.float64)).to(dtype), sign
 
 class TwoLayerLinear(nn.Module):
-    """f(x) = bᵀ A x, A [width, in_features], b [width]; forward returns [B, 1]. Both factors start i.i.d.
-    N(0, init_scale²) (seeded): small and nearly balanced, so the net learns its target's directions one at a
-    time."""
+    """f(x) = bᵀ A x, A [width, in_features], b [width]; forward returns [B, 1]. Both start i.i.d. N(0,
+    init_scale²), small and nearly balanced."""
 
     def __init__(self, in_features, width=10, init_scale=0.01, seed=0, dtype=torch.float64):
         super().__init__()
@@ -837,18 +775,16 @@ def opposing_weight(model, feature=0):
         return float(model.A[:, feature] @ model.b)
 
 def predicted_sharpness(model, signal_moment, feature=0):
-    """Our prediction of a TwoLayerLinear's top Hessian eigenvalue, E[x_o²] (|A e_o|² + |b|²) with
-    signal_moment = E[x_o²] = p α²: the Gauss-Newton curvature along θ_o, the sharpness when E[x_o²] dominates
-    the genuine second moments and the residual term (|∇_w L|) is smaller (derivation above)."""
+    """Our prediction of a TwoLayerLinear's top Hessian eigenvalue, E[x_o²] (|A e_o|² + |b|²), signal_moment =
+    E[x_o²] = p α²: the Gauss-Newton curvature along θ_o, the sharpness while E[x_o²] dominates the genuine
+    second moments and the residual term |∇_w L| is smaller."""
     with torch.no_grad():
         a, b = model.A[:, feature], model.b
         return float(signal_moment * (a @ a + b @ b))
 
 def opposing_rayleigh_quotient(model, x, y, feature=0):
-    """The exact curvature of a TwoLayerLinear's mean squared error along the opposing direction θ_o = (b
-    e_oᵀ, A e_o)/√S: with Σ = xᵀx/N, g = xᵀr/N and ẇ = (|b|² e_o + Aᵀ A e_o)/√S, θ_oᵀ H θ_o = ẇᵀ Σ ẇ + 2 w_o
-    g_o / S, both terms of the derivation with nothing dropped. A lower bound on the sharpness, tight when θ_o
-    is on top."""
+    """A TwoLayerLinear's exact MSE curvature along θ_o = (b e_oᵀ, A e_o)/√S: with Σ = xᵀx/N, g = xᵀr/N and ẇ
+    = (|b|² e_o + Aᵀ A e_o)/√S, θ_oᵀ H θ_o = ẇᵀ Σ ẇ + 2 w_o g_o / S; a lower bound on the sharpness."""
     with torch.no_grad():
         a, b = model.A[:, feature], model.b
         norm_sq = a @ a + b @ b
@@ -858,10 +794,9 @@ def opposing_rayleigh_quotient(model, x, y, feature=0):
         return float(w_dot @ (x.T @ x / len(x)) @ w_dot + 2 * (a @ b) * gradient[feature] / norm_sq)
 
 def linear_state(model, x, y, sign, feature=0):
-    """What the derivation predicts and needs for a TwoLayerLinear with groups sign [N]: opposing_weight,
-    prediction, rayleigh_quotient, loss_plus, loss_minus, b_norm_sq, genuine_norm = |A_gᵀb|,
-    residual_term_norm = |∇_w L|. Needs `opposing_weight`, `predicted_sharpness`,
-    `opposing_rayleigh_quotient`, `regression_loss`."""
+    """A TwoLayerLinear with groups sign [N]: opposing_weight, prediction, rayleigh_quotient, loss_plus,
+    loss_minus, b_norm_sq, genuine_norm = |A_gᵀb|, residual_term_norm = |∇_w L|. Needs `opposing_weight`,
+    `predicted_sharpness`, `opposing_rayleigh_quotient`, `regression_loss`."""
     with torch.no_grad():
         losses, keep = regression_loss(model(x), y), torch.arange(x.shape[1]) != feature
         return {"opposing_weight": opposing_weight(model, feature),
@@ -874,23 +809,19 @@ def linear_state(model, x, y, sign, feature=0):
 
 # ------------------------------------------------------------ 6. Toy network
 #
-# OUR RECONSTRUCTION of the paper's toy example, on the data of section 5 (a rare x_0 = ±α, no information in
-# its sign, a target offset on |x_0|). A one-hidden-layer ReLU network f(x) = vᵀ relu(U x + c) + c_2 starts
-# with every unit active on both signs of x_0 (small U, positive c), i.e. linear in x_0, and can use x_0 only
-# through its odd part f(α e_0) − f(−α e_0) until units gate off for one sign. Along U's x_0 column the
-# Gauss-Newton curvature is δuᵀ M δu, M_jk = (1/N) Σ_i x_{i,0}² v_j v_k 1[j active on x_i] 1[k active on x_i],
-# = p α² v vᵀ while units see both signs: the linear model's p α² |b|² with b = v. So the same depth effect
-# sharpens the network as it learns, and at 2/lr its output on a pure-x_0 probe oscillates with period 2.
-# Under squared error this curvature stays while units see both signs; under two-class cross-entropy each
-# example's curvature is weighted by p_i(1 − p_i), so once the network computes |x_0| and fits the outliers
-# with growing margins, the sharpness falls below 2/lr.
+# OUR RECONSTRUCTION of the paper's toy example, on the data of section 5. A ReLU network f(x) = vᵀ relu(U x +
+# c) + c_2 starts with every unit active on both signs of x_0 (small U, positive c), i.e. linear in x_0, and
+# uses x_0 only through its odd part f(α e_0) − f(−α e_0) until units gate off for one sign. Along U's x_0
+# column the Gauss-Newton curvature is δuᵀ M δu, M_jk = (1/N) Σ_i x_{i,0}² v_j v_k 1[j active on x_i] 1[k
+# active on x_i], = p α² v vᵀ while units see both signs: the linear model's p α² |b|² with b = v. So it
+# sharpens as it learns, and at 2/lr its output on a pure-x_0 probe oscillates with period 2. Under two-class
+# cross-entropy each example's curvature is weighted by p_i(1 − p_i), so once the network computes |x_0| and
+# fits the outliers with growing margins, the sharpness falls below 2/lr.
 
 def make_toy_network(in_features, width=16, weight_scale=0.05, output_scale=0.1, hidden_bias=0.7, seed=0,
                      num_outputs=1, dtype=torch.float64):
-    """nn.Sequential(Linear, ReLU, Linear) that starts linear in the opposing input: default init, first layer
-    times weight_scale and output times output_scale (small: features are learned progressively), hidden
-    biases hidden_bias > 0 (every unit active on both signs of x_0), output biases 0; num_outputs 1 (MSE) or 2
-    (CE)."""
+    """Linear-ReLU-Linear nn.Sequential, linear in x_0 at first: default init, first layer times weight_scale,
+    output times output_scale, hidden biases hidden_bias > 0, output biases 0; num_outputs 1 or 2."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, num_outputs)).to(dtype)
     with torch.no_grad():
@@ -901,27 +832,25 @@ def make_toy_network(in_features, width=16, weight_scale=0.05, output_scale=0.1,
     return model
 
 def opposing_probes(alpha, in_features, points=41, span=2.0, dtype=torch.float64):
-    """Pure-x_0 probes: x_0 on a grid of `points` values in [−span α, span α] (by α/10 by default, so that −α,
-    0 and α lie on it), all other inputs 0. Returns probes [points, in_features] and the grid [points]."""
+    """Pure-x_0 probes [points, in_features]: x_0 on a grid [points] over [−span α, span α] (by default
+    through −α, 0 and α), other inputs 0. Returns (probes, grid)."""
     grid = alpha * torch.linspace(-span, span, points, dtype=dtype)
     probes = torch.zeros(points, in_features, dtype=dtype)
     probes[:, 0] = grid
     return probes, grid
 
 def odd_even_parts(probe_outputs, grid, alpha):
-    """The network's use of x_0 from its outputs on `opposing_probes` [T, P] (grid [P]): with f± = f(±α e_0)
-    and f0 = f(0), odd = (f+ − f−)/2, the part that flips with the sign of x_0 (α w_o for the linear model),
-    and even = (f+ + f−)/2 − f0, the part that depends on |x_0| only. Returns (odd [T], even [T])."""
+    """From outputs on `opposing_probes` [T, P] (grid [P]), with f± = f(±α e_0), f0 = f(0): odd = (f+ − f−)/2
+    (α w_o in the linear model), even = (f+ + f−)/2 − f0. Returns (odd [T], even [T])."""
     outputs, grid = np.asarray(probe_outputs, dtype=np.float64), np.asarray(grid, dtype=np.float64)
     plus, minus, zero = (int(np.argmin(np.abs(grid - value))) for value in (alpha, -alpha, 0.0))
     odd = (outputs[:, plus] - outputs[:, minus]) / 2
     return odd, (outputs[:, plus] + outputs[:, minus]) / 2 - outputs[:, zero]
 
 def opposing_curvature(model, x, feature=0):
-    """Top eigenvalue of M, the Gauss-Newton curvature of the first-layer column that reads x_feature in a
-    `make_toy_network`: M_jk = (1/N) Σ_i x_{i,f}² v_j v_k 1_j(x_i) 1_k(x_i) (1_j: unit j active), p α² |v|²
-    while all units see every outlier. With two outputs v is v_1 − v_0 and example i weighs p_i(1 − p_i),
-    which vanishes as it is fit with a margin. OUR RECONSTRUCTION."""
+    """Top eigenvalue of M, the Gauss-Newton curvature of the first-layer column reading x_feature: M_jk =
+    (1/N) Σ_i x_{i,f}² v_j v_k 1_j(x_i) 1_k(x_i) (1_j: unit j active), p α² |v|² while all units see every
+    outlier. With two outputs v = v_1 − v_0 and example i weighs p_i(1 − p_i). OUR RECONSTRUCTION."""
     hidden, output = model[0], model[2]
     with torch.no_grad():
         active = (x @ hidden.weight.T + hidden.bias > 0).to(x.dtype)            # [N, width]
@@ -934,10 +863,9 @@ def opposing_curvature(model, x, feature=0):
         return float(torch.linalg.eigvalsh(rows.T @ rows / len(x))[-1])
 
 def toy_state(model, loss_fn, x, y, sign, probes):
-    """The toy's state with groups sign [N]: loss_plus, loss_minus, opposing_curvature, column_cosine (of the
-    two groups' gradients on the column reading x_0), active_both (units active on both twins) and
-    probe_output (on `opposing_probes`; for two classes f_1 − f_0). Needs `opposing_curvature`,
-    `group_gradients`."""
+    """With groups sign [N]: loss_plus, loss_minus, opposing_curvature, column_cosine (of the groups'
+    gradients on U[:, 0]), active_both (units on for both twins), probe_output (f_1 − f_0 for two classes).
+    Needs `opposing_curvature`, `group_gradients`."""
     grads = group_gradients(model, loss_fn, x, y, [sign > 0, sign < 0])
     column = [g[:model[0].weight.numel()].view_as(model[0].weight)[:, 0] for g in grads]   # U[:, 0] reads x_0
     with torch.no_grad():
@@ -952,17 +880,15 @@ def toy_state(model, loss_fn, x, y, sign, probes):
 # ------------------------------------------------------------ 7. Adam versus SGD
 #
 # Adam divides each coordinate's step by its running gradient RMS, so it sees the sharpness of P^-1/2 H P^-1/2
-# (P its preconditioner) against its own `stability_threshold`. SplitSGD (OUR RECONSTRUCTION) gives Adam's
-# step only to the few coordinates with large, sign-flipping gradients that opposing signals make.
+# against its own `stability_threshold`. SplitSGD (OUR RECONSTRUCTION) gives Adam's step only to the few
+# coordinates with the large, sign-flipping gradients of opposing signals.
 
 def adam_denominator(exp_avg_sq, step, beta2, eps):
-    """Adam's per-coordinate divisor sqrt(v̂) + ε, v̂ = v / (1 − β2^t) after t steps, in torch.optim.Adam's
-    order of operations (its results match to the last bit)."""
+    """Adam's divisor sqrt(v̂) + ε, v̂ = v / (1 − β2^t) after t steps, bit for bit as in torch.optim.Adam."""
     return exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** float(step)) + eps
 
 def top_quantile_mask(values, quantile):
-    """Bool mask of the round(quantile·n) largest entries of `values` (any shape; ties broken by torch.topk).
-    """
+    """Bool mask of the round(quantile·n) largest entries of `values` (any shape; ties by torch.topk)."""
     count = int(round(quantile * values.numel()))
     mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
     if count >= values.numel():
@@ -972,12 +898,11 @@ def top_quantile_mask(values, quantile):
     return mask.view_as(values)
 
 class SplitSGD(torch.optim.Optimizer):
-    """SGD with momentum, except that the most "spiky" coordinates of each tensor take Adam's step (OUR
-    RECONSTRUCTION of the paper's split-update proposal). Per tensor at step t: the heavy-ball buffer b_t = μ
-    b_{t−1} + g_t as SGD's, and Adam's m_t and v_t; the round(q·n) coordinates with the largest v_t move by
-    normalized_lr · m̂_t / (sqrt(v̂_t) + ε), the others by lr · b_t. Every coordinate keeps all three, so it
-    can change sets: q = 0 is exactly SGD(lr, μ), q = 1 Adam(normalized_lr). Needs `adam_denominator`,
-    `top_quantile_mask`."""
+    """SGD with momentum whose most "spiky" coordinates take Adam's step (OUR RECONSTRUCTION). Per tensor at
+    step t: the heavy-ball buffer b_t = μ b_{t−1} + g_t, Adam's m_t and v_t; the round(q·n) coordinates with
+    the largest v_t move by normalized_lr · m̂_t / (sqrt(v̂_t) + ε), the others by lr · b_t. Every coordinate
+    keeps all three, so it can change sets; q = 0 is exactly SGD(lr, μ), q = 1 Adam(normalized_lr). Needs
+    `adam_denominator`, `top_quantile_mask`."""
 
     def __init__(self, params, lr, normalized_lr=1e-3, quantile=0.1, momentum=0.9, betas=(0.9, 0.999),
                  eps=1e-8):
@@ -1029,8 +954,8 @@ class SplitSGD(torch.optim.Optimizer):
 
 @torch.no_grad()
 def adaptive_preconditioner(optimizer):
-    """The diagonal P of an adaptive optimizer: Adam's sqrt(v̂) + ε (bias-corrected, as in Cohen et al. 2022),
-    SplitSGD's own; None otherwise or before the first step. Needs `SplitSGD`."""
+    """The diagonal P: Adam's sqrt(v̂) + ε (bias-corrected, as in Cohen et al. 2022), SplitSGD's own; else or
+    before the first step None. Needs `SplitSGD`."""
     if isinstance(optimizer, SplitSGD):
         return optimizer.preconditioner()
     params = [(p, group) for group in optimizer.param_groups for p in group["params"]]
@@ -1039,24 +964,21 @@ def adaptive_preconditioner(optimizer):
     return torch.cat([adam_denominator(optimizer.state[p]["exp_avg_sq"], optimizer.state[p]["step"],
                                        group["betas"][1], group["eps"]).reshape(-1) for p, group in params])
 
-def opposing_group_oscillation(per_example_loss, labels, in_batch, top=40, window=20):
-    """How strongly the examples whose losses move most keep oscillating, against controls that pass the same
-    selection (OUR RECONSTRUCTION). per_example_loss [R, N] is recorded every k steps (k odd, so that a period-2
-    oscillation still alternates), labels [N] are the examples' classes or target tokens, and in_batch bool [R, N]
-    says which examples were in a minibatch between records r and r + 1 (all True for full batch).
+def opposing_group_oscillation(per_example_loss, labels, in_batch, top=40, intervals=20):
+    """How much the examples whose losses move most keep oscillating, against same-selection controls (OUR
+    RECONSTRUCTION). per_example_loss [R, N] is recorded every k steps (k odd), labels [N] are classes or
+    target tokens, in_batch bool [R, N] is minibatch membership between records r and r + 1.
 
-    At record r = 0, window, 2·window, ... the `top` examples by |Δℓ| = |ℓ(r+1) − ℓ(r)| split by sign; each
-    one's control is the example of the same label, sign and batch membership nearest below or above it in |Δℓ|
-    (`matched_examples`; one without a control leaves with it). Over the `window` intervals from r + 2 a group's
-    amplitude is the mean |Δ| of its mean loss, a pair's the mean of its two. Returns amplitude and
-    amplitude_matched [S], and median_relative, the median of their ratio (nan when S = 0). Needs
-    `matched_examples`."""
+    Every `intervals` records r, the `top` examples by |Δℓ| = |ℓ(r+1) − ℓ(r)| split by sign; each one's
+    control is the nearest in |Δℓ| of the same label, sign and membership. Over the `intervals` intervals from
+    r + 2 a group's amplitude is the mean |Δ| of its mean loss, a pair's the mean of its two. Returns
+    amplitude, amplitude_matched [S], median_relative (their median ratio). Needs `matched_examples`."""
     losses, labels, rows = np.asarray(per_example_loss, dtype=np.float64), np.asarray(labels).reshape(-1), []
 
     def amplitude(span, members, up):
         return np.mean([np.abs(np.diff(span[:, members[side]].mean(1))).mean() for side in (up, ~up)])
 
-    for r in range(0, len(losses) - window - 2, window):
+    for r in range(0, len(losses) - intervals - 2, intervals):
         change = losses[r + 1] - losses[r]
         chosen = np.argsort(-np.abs(change), kind="stable")[:top]
         keys = (labels * 2 + (change > 0)) * 2 + np.asarray(in_batch[r])
@@ -1065,26 +987,28 @@ def opposing_group_oscillation(per_example_loss, labels, in_batch, top=40, windo
         up = change[chosen] > 0
         if up.all() or not up.any():
             continue
-        span = losses[r + 2:r + 3 + window]
+        span = losses[r + 2:r + 3 + intervals]
         rows.append((amplitude(span, chosen, up), amplitude(span, control, up)))
     groups, matched = (np.asarray([row[j] for row in rows], dtype=np.float64) for j in (0, 1))
     return {"amplitude": groups, "amplitude_matched": matched,
             "median_relative": float(np.median(groups / np.maximum(matched, 1e-300))) if rows else math.nan}
 
-def optimizer_summary(model, loss_fn, history, optimizer, x, y, x_test, y_test, in_batch, top=40, window=20):
-    """One training run in numbers; its measure hook recorded every example's loss as "losses" and the
-    sharpness (`sharpness_measure`, with `adaptive_preconditioner`). Returns train_loss (inf if it diverged),
-    test_accuracy, relative (`opposing_group_oscillation` over the records from the first fifth on; in_batch
-    [R, N] as there), ratio (the sharpness the optimizer sees, preconditioned for an adaptive one, over its
-    `stability_threshold`: the median over the second half) and curve (the mean loss at each record). Needs
-    `evaluate`, `measured`, `opposing_group_oscillation`, `stability_threshold`."""
+def optimizer_summary(model, loss_fn, history, optimizer, x, y, x_test, y_test, in_batch, top=40,
+                      intervals=20):
+    """One run in numbers; its measure hook recorded every example's loss as "losses" and the sharpness
+    (`sharpness_measure`, `adaptive_preconditioner`). Returns train_loss (inf if diverged), test_accuracy,
+    relative (`opposing_group_oscillation` from the first fifth of records on; in_batch [R, N]), ratio (median
+    over the second half of the sharpness the optimizer sees over its `stability_threshold`) and curve (mean
+    loss per record). Needs `evaluate`, `measured`, `opposing_group_oscillation`, `stability_threshold`."""
     train_loss, test_accuracy = evaluate(model, loss_fn, x, y)[0], evaluate(model, loss_fn, x_test, y_test)[1]
     _, losses = measured(history, "losses")
     steps, plain = measured(history, "eigenvalues")
     preconditioned = measured(history, "preconditioned_eigenvalues")[1]
-    seen = (preconditioned if np.isfinite(preconditioned).any() else plain)[:, 0] / stability_threshold(optimizer)
+    seen = ((preconditioned if np.isfinite(preconditioned).any() else plain)[:, 0]
+            / stability_threshold(optimizer))
     start, stable = len(losses) // 5, history["diverged"] is None and math.isfinite(train_loss)
-    oscillation = opposing_group_oscillation(losses[start:], y.cpu().numpy(), in_batch[start:], top, window)
+    oscillation = opposing_group_oscillation(losses[start:], y.cpu().numpy(), in_batch[start:], top,
+                                             intervals)
     return {"train_loss": train_loss if stable else math.inf, "test_accuracy": test_accuracy,
             "relative": oscillation["median_relative"], "curve": losses.mean(1),
             "ratio": float(np.nanmedian(seen[steps >= steps.max() / 2]))}
@@ -1120,9 +1044,8 @@ class SmallCNN(nn.Module):
 
 def small_output_init(model, body_gain, zero_last_conv_of_blocks=False):
     """Zero output, live features, for a ReLU conv net without batch norm: Kaiming convs times body_gain, zero
-    biases and head, and (ResNet) a zero last conv per residual branch. PyTorch's default init stalls GD at
-    the constant predictor, plain Kaiming diverges; the MSE sharpness at init is about |mean penultimate
-    feature|²."""
+    biases and head, (ResNet) a zero last conv per residual branch. PyTorch's default init stalls GD, plain
+    Kaiming diverges; the MSE sharpness at init is about |mean penultimate feature|²."""
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, nn.Conv2d):
@@ -1135,9 +1058,8 @@ def small_output_init(model, body_gain, zero_last_conv_of_blocks=False):
     return model
 
 class VGG11(nn.Module):
-    """VGG-11 for 32x32 inputs (8 convs, 5 max-pools, a linear head). Without BN it starts from
-    `small_output_init` with body_gain 0.8·(16/width)^(1/16): mean penultimate feature norm near 2.5 whatever
-    the width (README). Needs `small_output_init`."""
+    """VGG-11 for 32x32 (8 convs, 5 pools, linear head); without BN, `small_output_init`, body_gain
+    0.8·(16/width)^(1/16): mean penultimate feature norm ≈ 2.5 at any width. Needs `small_output_init`."""
 
     def __init__(self, num_classes=10, width=64, batch_norm=False, body_gain=None):
         super().__init__()
@@ -1175,9 +1097,8 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
 
 class ResNet18(nn.Module):
-    """CIFAR ResNet-18: 3x3 stem, four stages of two basic blocks, global average pool, linear head. Without
-    BN it starts from `small_output_init` with zero residual branches (body_gain 0.69: mean penultimate
-    feature norm near 3 at widths 32 and 64, README). Needs `small_output_init`, `BasicBlock`."""
+    """CIFAR ResNet-18: 3x3 stem, four stages of two basic blocks, average pool, linear head; without BN,
+    `small_output_init` with zero residual branches. Needs `small_output_init`, `BasicBlock`."""
 
     def __init__(self, num_classes=10, width=64, batch_norm=True, body_gain=0.69):
         super().__init__()
@@ -1197,8 +1118,7 @@ class ResNet18(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
 class LayerNorm(nn.Module):
-    """LayerNorm written out, (x − mean) / sqrt(var + eps) · weight + bias over the last dimension (double
-    backward)."""
+    """LayerNorm written out: (x − mean) / sqrt(var + eps) · weight + bias over the last dimension."""
 
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -1210,8 +1130,7 @@ class LayerNorm(nn.Module):
         return (x - mean) / torch.sqrt(variance + self.eps) * self.weight + self.bias
 
 class Attention(nn.Module):
-    """Multi-head self-attention written out (fused kernels have no double backward); causal: position t
-    attends to positions <= t only, as a language model must."""
+    """Multi-head self-attention written out (for double backward); causal: t attends to <= t only."""
 
     def __init__(self, dim, heads, causal=False):
         super().__init__()
@@ -1228,8 +1147,7 @@ class Attention(nn.Module):
         return self.proj((torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, D))
 
 class Block(nn.Module):
-    """Pre-LN transformer block, the ViT's and the GPT's: h + attention(norm(h)), then + MLP(norm(h)). Needs
-    `Attention`, `LayerNorm`."""
+    """Pre-LN transformer block: h + attention(norm(h)), + MLP(norm(h)). Needs `Attention`, `LayerNorm`."""
 
     def __init__(self, dim, heads, mlp_ratio, causal=False):
         super().__init__()
@@ -1247,36 +1165,36 @@ class ViT(nn.Module):
     def __init__(self, num_classes=10, image_size=32, patch=4, dim=128, depth=4, heads=4, mlp_ratio=2):
         super().__init__()
         self.patch, self.embed = patch, nn.Linear(3 * patch * patch, dim)
-        self.position = nn.Parameter(0.02 * torch.randn(1, (image_size // patch) ** 2, dim))
+        self.position = nn.Embedding((image_size // patch) ** 2, dim)
+        nn.init.normal_(self.position.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm, self.head = LayerNorm(dim), nn.Linear(dim, num_classes)
 
     def forward(self, x):                                                  # x: [B, 3, H, W]
         p = self.patch
         h = self.embed(x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2))
-        h = h + self.position
+        h = h + self.position.weight
         for block in self.blocks:
             h = block(h)
         return self.head(self.norm(h).mean(dim=1))
 
 class GPT(nn.Module):
-    """A small character-level GPT: token and learned position embeddings, causal pre-LN blocks, a final
-    LayerNorm and a linear head. tokens [B, T <= context] -> logits [B, T, vocab_size], those at position t
-    predicting token t + 1: each (sequence, position) is one example. Needs `Block`, `Attention`, `LayerNorm`.
-    """
+    """Character GPT: token and position embeddings, causal pre-LN blocks, a linear head; tokens [B, T <=
+    context] -> logits [B, T, vocab_size] for token t + 1. Needs `Block`, `Attention`, `LayerNorm`."""
 
     def __init__(self, vocab_size=65, context=64, dim=64, depth=2, heads=4, mlp_ratio=4):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
-        self.position = nn.Parameter(0.02 * torch.randn(1, context, dim))
+        self.position = nn.Embedding(context, dim)
+        nn.init.normal_(self.position.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, causal=True) for _ in range(depth))
         self.norm, self.head = LayerNorm(dim), nn.Linear(dim, vocab_size)
 
     def forward(self, tokens):                                             # tokens: [B, T]
-        if tokens.shape[1] > self.position.shape[1]:
+        if tokens.shape[1] > self.position.num_embeddings:
             raise ValueError(f"GPT: sequences of {tokens.shape[1]} tokens, but the context is "
-                             f"{self.position.shape[1]}: pass at most that many")
-        h = self.embed(tokens) + self.position[:, :tokens.shape[1]]
+                             f"{self.position.num_embeddings}: pass at most that many")
+        h = self.embed(tokens) + self.position.weight[:tokens.shape[1]]
         for block in self.blocks:
             h = block(h)
         return self.head(self.norm(h))
@@ -1293,9 +1211,8 @@ class DataError(Exception):
     """A data set is missing, cannot be downloaded or written, or is corrupted; the message says the fix."""
 
 def load_cifar10(root=None, train=True, download=True):
-    """CIFAR-10 images uint8 [N, 32, 32, 3] and labels int64 [N] from root (else $OSIG_DATA, else ./data)
-    /cifar-10-batches-py, made from the md5-checked archive when absent. Needs `cifar10_folder`,
-    `read_cifar_batch`."""
+    """CIFAR-10 images uint8 [N, 32, 32, 3], labels int64 [N] from root (else $OSIG_DATA, else ./data). Needs
+    `cifar10_folder`, `read_cifar_batch`."""
     folder = cifar10_folder(Path(root or os.environ.get("OSIG_DATA") or "data").expanduser(), download)
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     batches = [read_cifar_batch(folder / name) for name in names]
@@ -1303,8 +1220,8 @@ def load_cifar10(root=None, train=True, download=True):
     return torch.from_numpy(images), torch.from_numpy(np.concatenate([labels for _, labels in batches]))
 
 def normalize(images, mean=None, std=None):
-    """uint8 [N, H, W, C] -> float32 [N, C, H, W], x = (images/255 − mean[c]) / std[c] with mean and std [C] of
-    these images unless given (pass the training set's for test or probe images). Returns (x, mean, std)."""
+    """uint8 [N, H, W, C] -> float32 [N, C, H, W], (images/255 − mean[c]) / std[c], mean, std [C] of these
+    images unless given (pass the training set's for test images). Returns (x, mean, std)."""
     x = images.permute(0, 3, 1, 2).float() / 255
     mean = x.mean(dim=(0, 2, 3)) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
     std = x.std(dim=(0, 2, 3)) if std is None else torch.as_tensor(std, dtype=torch.float32)
@@ -1317,9 +1234,8 @@ def seeded_subset(n_total, n, seed=0):
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
 
 def load_tiny_shakespeare(root=None, download=True):
-    """Tiny Shakespeare as a str from root (else $OSIG_DATA, else ./data)/tinyshakespeare/input.txt,
-    downloaded when missing; a regular file of the right size (a FIFO cannot hang the read) and md5. Needs
-    `download_checked`, `SHAKESPEARE_URL`, `SHAKESPEARE_MD5`, `SHAKESPEARE_BYTES`."""
+    """Tiny Shakespeare (str) from root or $OSIG_DATA or ./data, downloaded if missing, size and md5 checked.
+    Needs `download_checked`, `SHAKESPEARE_URL`, `SHAKESPEARE_MD5`, `SHAKESPEARE_BYTES`."""
     path = Path(root or os.environ.get("OSIG_DATA") or "data").expanduser() / "tinyshakespeare" / "input.txt"
     fix = f"put the file from {SHAKESPEARE_URL} there, or set OSIG_DATA to a folder with tinyshakespeare/"
     if not path.exists() and not download:
@@ -1333,15 +1249,13 @@ def load_tiny_shakespeare(root=None, download=True):
     return path.read_text(encoding="utf-8")
 
 def encode_characters(text):
-    """Character tokens: the sorted distinct characters are the vocabulary (65 for tiny Shakespeare), each
-    character its index. Returns tokens int64 [len(text)] and the vocabulary (a str)."""
+    """Tokens int64 [len(text)] and the vocabulary, the sorted distinct characters (str)."""
     vocabulary = "".join(sorted(set(text)))
     index = {character: i for i, character in enumerate(vocabulary)}
     return torch.tensor([index[c] for c in text], dtype=torch.int64), vocabulary
 
 def text_sequences(tokens, n, context, seed=0):
-    """n windows of the token stream at seeded random starts: inputs x [n, context] and targets y [n,
-    context], the next token of each position (y[i, t] is predicted from x[i, :t + 1])."""
+    """n seeded random windows: x [n, context] and targets y [n, context], y[i, t] the token after x[i, t]."""
     if n < 1 or len(tokens) <= context + 1:
         raise ValueError(f"need n >= 1 sequences and more than context + 1 = {context + 1} tokens")
     starts = torch.randint(0, len(tokens) - context - 1, (n,), generator=torch.Generator().manual_seed(seed))
@@ -1349,8 +1263,7 @@ def text_sequences(tokens, n, context, seed=0):
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 def download_checked(url, path, md5):
-    """Download `url` to `path` through a uniquely named partial file, renamed into place only when complete
-    and md5-checked, so that concurrent downloads cannot clash. Needs `DataError`."""
+    """`url` to `path` via a unique partial file, renamed into place once md5-checked. Needs `DataError`."""
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
     print(f"downloading {url} to {path} ...", flush=True)
     try:
@@ -1368,10 +1281,8 @@ def download_checked(url, path, md5):
             partial.unlink()
 
 def cifar10_folder(root, download=True):
-    """root/cifar-10-batches-py, extracted when absent from the md5-checked (downloaded if allowed) archive
-    into a uniquely named staging folder renamed into place; a folder another process completed first is
-    taken, staging folders over an hour old (left by killed runs) are removed. Needs `download_checked`,
-    `CIFAR10_URL`, `CIFAR10_MD5`."""
+    """root/cifar-10-batches-py, extracted if absent from the md5-checked archive (downloaded if allowed) via
+    a staging folder. Needs `download_checked`, `CIFAR10_URL`, `CIFAR10_MD5`."""
     folder, archive = root / "cifar-10-batches-py", root / "cifar-10-python.tar.gz"
     try:
         for stale in root.glob(".cifar10-staging-*") if root.is_dir() and not folder.is_dir() else []:
@@ -1401,9 +1312,8 @@ def cifar10_folder(root, download=True):
     return folder
 
 class CifarUnpickler(pickle.Unpickler):
-    """An unpickler that builds numpy arrays and nothing else: a pickle can call any importable function while
-    it loads, so a tampered file could run code. Only numpy's array reconstruction, ndarray, dtype and
-    _codecs.encode (Python 2 byte strings) resolve; any other name raises pickle.UnpicklingError."""
+    """An unpickler that resolves only numpy arrays, dtypes and _codecs.encode, so no code can run; any other
+    name raises pickle.UnpicklingError."""
     rebuild = np.ndarray.__reduce__(np.zeros(1))[0]
     allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"):
                codecs.encode, ("numpy.core.multiarray", "_reconstruct"): rebuild,
@@ -1415,8 +1325,8 @@ class CifarUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only arrays")
 
 def read_cifar_batch(path):
-    """One batch file (data uint8 [10000, 3072], labels [10000]) after a size check, by `CifarUnpickler`,
-    checked by structure; any damage raises DataError with the fix. Needs `DataError`, `CifarUnpickler`."""
+    """One batch file (data uint8 [10000, 3072], labels [10000]), checked; damage raises DataError. Needs
+    `DataError`, `CifarUnpickler`."""
     try:
         if not 30_000_000 <= path.stat().st_size <= 40_000_000:
             raise ValueError(f"{path.stat().st_size:,} bytes, not about 31 MB")
@@ -1427,20 +1337,18 @@ def read_cifar_batch(path):
                 labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() > 9:
             raise ValueError("not the arrays of a CIFAR-10 batch")
     except Exception as error:                  # a damaged pickle can raise almost anything while it loads
-        raise DataError(f"{path} is not a readable CIFAR-10 batch ({type(error).__name__}: {str(error)[:80]}):"
-                        f" delete {path.parent} and put a fresh cifar-10-batches-py/ (or the archive) there")
+        raise DataError(f"{path} is not a readable CIFAR-10 batch ({type(error).__name__}: {str(error)[:80]})"
+                        f": delete {path.parent} and put a fresh cifar-10-batches-py/ (or the archive) there")
     return data, labels.astype(np.int64)
 
 # ------------------------------------------------------------ Appendix C. Scoring the claims
 #
-# What run_all.py's claims call: the mechanism models' sign and episode helpers, one null test (z and p) for
-# every selection statistic, the selection and look-alike tests, the statistics of spikes, tails, alignment,
-# probes and text features, and the t intervals and power of the interventions.
+# What run_all.py's claims call: sign and episode helpers, one null test (z, p) for every selection statistic,
+# the selection and look-alike tests, spike, tail, alignment, probe and text statistics, t intervals and
+# power.
 
 def oscillation_episode(group_loss_plus, group_loss_minus, sharpness, threshold, rel_gap=0.1):
-    """The steps of an edge-of-stability episode, where the two groups' losses visibly split: from the first
-    step with sharpness >= threshold (2/lr), those with |L+ − L−| >= rel_gap·(L+ + L−)/2. Arrays [T] -> bool
-    [T]."""
+    """Steps from the first with sharpness >= threshold where |L+ − L−| >= rel_gap·(L+ + L−)/2: bool [T]."""
     plus, minus, sharpness = (np.asarray(v, dtype=np.float64)
                               for v in (group_loss_plus, group_loss_minus, sharpness))
     crossed, mask = np.flatnonzero(sharpness >= threshold), np.zeros(len(plus), dtype=bool)
@@ -1449,24 +1357,21 @@ def oscillation_episode(group_loss_plus, group_loss_minus, sharpness, threshold,
     return mask
 
 def period_two_fraction(values):
-    """Fraction of consecutive triples that alternate in sign, v_t v_{t+1} < 0 and v_{t+1} v_{t+2} < 0: a
-    drift through zero flips once, the period-2 oscillation of GD along a direction with η λ > 1 every step.
-    [T] -> float (nan for T < 3)."""
+    """Share of triples with v_t v_{t+1} < 0 and v_{t+1} v_{t+2} < 0: [T] -> float, nan for T < 3."""
     values = np.asarray(values, dtype=np.float64)
     flips = values[1:] * values[:-1] < 0
     return float(np.mean(flips[1:] & flips[:-1])) if len(flips) >= 2 else math.nan
 
 def consecutive_sign_changes(values, mask):
-    """Among consecutive steps (t, t+1) both inside `mask`, the fraction where `values` changes sign: values,
-    mask [T] -> float, nan with no such pair."""
+    """Of steps (t, t+1) both in `mask` [T], the fraction where `values` [T] changes sign (nan if none)."""
     values, mask = np.asarray(values, dtype=np.float64), np.asarray(mask, dtype=bool)
     pairs = mask[1:] & mask[:-1]
     return float(np.mean((values[1:] * values[:-1] < 0)[pairs])) if pairs.any() else math.nan
 
 def flip_growth(opposing_weight, sharpness, lr, episode):
-    """How fast the opposing weight grows once it flips, against the derivation's |1 − lr·λ| per step: the
-    median over the first stretch of `episode` (bool [T]), up to its largest swing, of |w_o(t+1)/w_o(t)| / |1
-    − lr·λ_t| (1: the predicted rate). opposing_weight, sharpness [T]; nan without an episode."""
+    """How fast the opposing weight grows once it flips: the median over the first stretch of `episode` (bool
+    [T]), up to its largest swing, of |w_o(t+1)/w_o(t)| / |1 − lr·λ_t| (1: as derived); opposing_weight,
+    sharpness [T]; nan without an episode."""
     if not np.any(episode):
         return math.nan
     start = int(np.argmax(episode))
@@ -1476,23 +1381,21 @@ def flip_growth(opposing_weight, sharpness, lr, episode):
     return float(np.median(np.abs(w[steps + 1] / w[steps]) / np.abs(1 - lr * np.asarray(sharpness)[steps])))
 
 def half_learned_step(even):
-    """The first step at which the |x_0| (even) response reaches half its final value; T (never) when the
-    final value is not positive."""
+    """The first step at which `even` [T] reaches half its final value; T if never or that value is <= 0."""
     even = np.asarray(even, dtype=np.float64)
     learned = even >= even[-1] / 2 if even[-1] > 0 else np.zeros(len(even), dtype=bool)
     return int(np.argmax(learned)) if learned.any() else len(even)
 
 def late_fall(sharpness):
-    """1 − (mean sharpness over the last 10% of steps) / (its maximum): how far it has fallen back."""
+    """1 − (mean sharpness over the last 10% of steps) / (its maximum)."""
     sharpness = np.asarray(sharpness, dtype=np.float64)
     return float(1 - sharpness[int(0.9 * len(sharpness)):].mean() / np.nanmax(sharpness))
 
 def null_test(observed, null, alternative="greater"):
-    """One test over S selections, observed [S] against null draws [S, D] of the same statistic: the mean over
-    the measurable selections (finite, with finite draws) against each draw's mean over the same ones, valid
-    however the selections depend on each other. Returns (z, p): z = (observed − mean of the draws' means) /
-    their sd, signed so that the alternative ("greater" or "less") is positive, and p = (1 + #draws as extreme
-    or more) / (1 + D); (nan, nan) when nothing is measurable."""
+    """Observed [S] against null draws [S, D]: the mean over the measurable selections (finite, with finite
+    draws) against each draw's mean over them, valid however the selections depend on each other. (z, p): z =
+    (observed − mean of draw means) / their sd, signed so the alternative ("greater" or "less") is positive; p
+    = (1 + #draws as extreme or more) / (1 + D); (nan, nan) if none."""
     observed, null = np.asarray(observed, dtype=np.float64), np.asarray(null, dtype=np.float64)
     used = np.isfinite(observed) & np.isfinite(null).all(1) if len(observed) else np.zeros(0, dtype=bool)
     if not used.any():
@@ -1502,26 +1405,24 @@ def null_test(observed, null, alternative="greater"):
     return float(z), float((1 + np.sum(sign * (means - value) >= 0)) / (1 + len(means)))
 
 def gram_mean(gram, first, second):
-    """The mean entry of a Gram matrix [C, C] between two groups of positions [..., m1] and [..., m2] ->
-    [...]: with unit features, the groups' mean cosine (`coherence`)."""
+    """The mean entry of a Gram matrix [C, C] between groups of positions [..., m1] and [..., m2] -> [...]:
+    with unit features, the groups' mean cosine (`coherence`)."""
     first, second = np.asarray(first), np.asarray(second)
     return gram[first[..., :, None], second[..., None, :]].mean((-2, -1))
 
 def gram_cosine(gram, first, second):
-    """The cosine of two groups' summed vectors from their Gram matrix [C, C] (positions [..., m1], [...,
-    m2]): Σ_ab G / sqrt(Σ_aa G · Σ_bb G) -> [...]. Needs `gram_mean`."""
+    """Cosine of two groups' summed vectors from their Gram matrix [C, C] (positions [..., m1], [..., m2]):
+    Σ_ab G / sqrt(Σ_aa G · Σ_bb G) -> [...]. Needs `gram_mean`."""
     first, second = np.asarray(first), np.asarray(second)
     cross = gram_mean(gram, first, second) * first.shape[-1] * second.shape[-1]
     return cross / np.sqrt(gram_mean(gram, first, first) * gram_mean(gram, second, second)) / (
         first.shape[-1] * second.shape[-1])
 
 def selection_test(grams, change, keys, top, statistic=gram_mean, draws=1000, seed=0, alternative="greater"):
-    """A selection statistic against selection-matched draws, from S selections recorded by `outlier_state`:
-    at each, candidates ordered by |Δℓ| with their Δℓ (change [S, C]) and keys [S, C] (their classes), and a
-    Gram matrix of the candidates [S, C, C] (their gradients, or their `unit_features` for `coherence`). The
-    outliers are the first `top` split by the sign of Δℓ; each draw replaces every one by a later candidate of
-    the same key and sign (`selection_draws`). statistic(gram, up, down) on positions. Returns `null_test`'s
-    (z, p). Needs `selection_draws`, `null_test`, `gram_mean`."""
+    """A selection statistic against selection-matched draws over S selections from `outlier_state`: change
+    [S, C] (Δℓ, candidates by |Δℓ|), keys [S, C] (classes), Gram matrices [S, C, C]. The outliers, the first
+    `top` split by sign, against draws of later candidates of the same key and sign; statistic(gram, up, down)
+    on positions. Returns `null_test`'s (z, p). Needs `selection_draws`, `null_test`, `gram_mean`."""
     observed, null = np.full(len(change), np.nan), np.full((len(change), draws), np.nan)
     for s, (gram, delta, key) in enumerate(zip(grams, change, keys)):
         positions, up = np.arange(len(delta)), delta[:top] > 0
@@ -1534,19 +1435,17 @@ def selection_test(grams, change, keys, top, statistic=gram_mean, draws=1000, se
 
 def lookalike_test(per_example_loss, steps, candidates, change, labels, unit, top, tested, length=40, gap=2,
                    draws=1000, seed=0):
-    """Do the opposing groups move against each other because of what they share, or because they were chosen
-    for moving? At each tested selection step s (tested bool [E] over the measurements: steps [E], candidates and
-    change [E, C] from `outlier_state`), each group's look-alikes are examples never among any measurement's
-    outliers that carry the group's feature most: per class as many as the group has, the largest cosine (unit
-    [N, D], `unit_features`) with the group's mean feature. Their anti-phase over steps s + gap .. s + gap +
-    length (`antiphase` of per_example_loss [T, N]) is tested against draws that replace every look-alike by an
-    example of the same class, sign of Δℓ at s and half of |Δℓ| within the class, neither an outlier nor a
-    look-alike: matched on the selection variable, not below it (`selection_draws`). Returns `null_test`'s (z, p),
-    z > 0: more anti-phase. Needs `antiphase`, `selection_draws`, `null_test`."""
+    """Do the groups oppose for what they share, or for being chosen? At each tested step s (tested bool [E];
+    steps [E], candidates, change [E, C] from `outlier_state`), each group's look-alikes are examples never
+    among the outliers with the largest cosine (unit [N, D]) to its mean feature, as many per class. Their
+    `antiphase` over steps s + gap .. s + gap + length (per_example_loss [T, N]) is tested against draws of
+    the same class, sign of Δℓ at s and half of |Δℓ| in the class. Returns `null_test`'s (z, p), z > 0: more
+    anti-phase. Needs `antiphase`, `selection_draws`, `null_test`."""
     losses, labels = np.asarray(per_example_loss, dtype=np.float64), np.asarray(labels).reshape(-1)
     never = np.ones(losses.shape[1], dtype=bool)
     never[np.asarray(candidates)[:, :top].reshape(-1)] = False
-    steps, candidates, change = (np.asarray(a)[np.asarray(tested, dtype=bool)] for a in (steps, candidates, change))
+    steps, candidates, change = (np.asarray(a)[np.asarray(tested, dtype=bool)]
+                                 for a in (steps, candidates, change))
     observed, null = np.full(len(steps), np.nan), np.full((len(steps), draws), np.nan)
     for s, step in enumerate(steps):
         members, up, free = candidates[s][:top], change[s][:top] > 0, never.copy()
@@ -1574,10 +1473,9 @@ def lookalike_test(per_example_loss, steps, candidates, change, labels, unit, to
     return null_test(observed, null, "less")
 
 def pair_contrast(series, first, second, first_pool, second_pool, draws=200, seed=0):
-    """How much more a pair of groups moves in anti-phase than size-matched control pairs from the pools (each
-    draw subsamples a group and its pool to the smaller size): pair, control (medians of `antiphase`),
-    contrast = control − pair (> 0: more opposed), low and high (2.5 and 97.5 percentiles). Needs `antiphase`.
-    """
+    """How much more a pair of groups moves in anti-phase than size-matched control pairs from the pools:
+    pair, control (medians of `antiphase`), contrast = control − pair (> 0: more opposed), low and high (2.5,
+    97.5 percentiles). Needs `antiphase`."""
     groups = [np.flatnonzero(g) for g in (first, second, first_pool, second_pool)]
     if min(len(g) for g in groups) == 0:
         return dict.fromkeys(("pair", "control", "contrast", "low", "high"), math.nan)
@@ -1592,20 +1490,18 @@ def pair_contrast(series, first, second, first_pool, second_pool, draws=200, see
     return {"pair": float(pair), "control": float(control), "contrast": float(control - pair),
             "low": float(low), "high": float(high)}
 
-def spike_rate(loss, after, k=5.0, window=20):
-    """Loss spikes per 100 steps after the crossing (`after`, from `edge_of_stability`), by a scale-free rule:
-    a rise above the running minimum of the last `window` steps larger than k x the median |ΔL| after the
-    crossing (`loss_spikes`); nan with fewer than `window` steps after it. Needs `loss_spikes`."""
+def spike_rate(loss, after, k=5.0, lookback=20):
+    """Loss spikes per 100 steps from `after`: rises over the running minimum of `lookback` steps above k x
+    the median |ΔL| from `after` (`loss_spikes`); nan with fewer steps after it. Needs `loss_spikes`."""
     loss = np.asarray(loss, dtype=np.float64)
-    if len(loss) - after < window:
+    if len(loss) - after < lookback:
         return math.nan
-    events = loss_spikes(loss, k * np.median(np.abs(np.diff(loss[after:]))), window)
+    events = loss_spikes(loss, k * np.median(np.abs(np.diff(loss[after:]))), lookback)
     return 100 * float(np.sum(events[:, 0] >= after)) / (len(loss) - after)
 
 def tail_share(per_example_loss, start, stop, count=10, fraction=0.01):
-    """The heavy tail at the loss's largest rises: the median `top_fraction_share` of the per-example loss
-    changes over the `count` steps in [start, stop) where the mean loss rises most (per_example_loss [T, N]);
-    nan for an empty window. Needs `top_fraction_share`."""
+    """The median `top_fraction_share` of per-example loss changes (per_example_loss [T, N]) at the `count`
+    steps in [start, stop) where the mean loss rises most; nan if empty. Needs `top_fraction_share`."""
     losses = np.asarray(per_example_loss, dtype=np.float64)
     if not (math.isfinite(start) and math.isfinite(stop)):
         return math.nan
@@ -1616,78 +1512,71 @@ def tail_share(per_example_loss, start, stop, count=10, fraction=0.01):
     return float(np.median(top_fraction_share(losses[rises + 1] - losses[rises], fraction)))
 
 def excess_alignment(unstable, top, count):
-    """How much more the outliers' gradients lie in the directions the step oscillates along than random
-    examples' at the same measurement: the median of unstable[:, :top] minus that of unstable[:, count:]
-    (`outlier_state`'s unstable [E, C + R] with C = count candidates) -> [E]."""
+    """How much more the outliers' gradients lie in the oscillating directions than random examples': median
+    of unstable[:, :top] minus that of unstable[:, count:] (`outlier_state`'s [E, C + R]) -> [E]."""
     unstable = np.asarray(unstable, dtype=np.float64)
     return np.median(unstable[:, :top], 1) - np.median(unstable[:, count:], 1)
 
 def probe_swing(outputs, classes, probe=0, controls=(1, 2)):
-    """How much a probe's output on `classes` moves from step to step against control probes: the mean |Δ| of
-    the mean over `classes` of outputs [T, P, C] for the probe, over the largest of the controls'."""
+    """How much a probe's output on `classes` swings against control probes: its mean |Δ| of the mean over
+    `classes` of outputs [T, P, C], over the controls' largest."""
     swing = np.abs(np.diff(np.asarray(outputs)[:, :, list(classes)].mean(-1), axis=0)).mean(0)
     return float(swing[probe] / np.max(swing[list(controls)]))
 
-def paste_swing(shift, after, reference=40, span=50, control=1):
-    """How much more the sky paste's effect swings per step after the crossing than in a fixed window before
-    the edge (steps 0..reference): log of its mean |Δ| over the `span` steps from `after` over its mean |Δ| in
-    the reference, for the sky paste (column 0 of shift [T, P]) minus for the `control` paste; nan if the run
-    is short."""
+def paste_swing(shift, after, reference=40, window=50, control=1):
+    """How much more the sky paste's effect swings after the crossing than before the edge: log of the mean
+    |Δ| of shift [T, P] over the `window` steps from `after` over that in steps 0..reference, column 0 (sky)
+    minus column `control`; nan if the run is short."""
     change = np.abs(np.diff(np.asarray(shift, dtype=np.float64), axis=0))
-    if after + span > len(change):
+    if after + window > len(change):
         return math.nan
-    ratio = change[after:after + span].mean(0) / np.maximum(change[:reference].mean(0), 1e-300)
+    ratio = change[after:after + window].mean(0) / np.maximum(change[:reference].mean(0), 1e-300)
     return float(np.log(ratio[0]) - np.log(ratio[control]))
 
-def intervention_endpoints(history, lr, pair, span=50):
-    """A causal run's endpoints from its `train` history (sharpness measured as "eigenvalues"): crossing and
-    approach (`edge_of_stability`: the steps from 0.8·2/lr to 2/lr, which the starting sharpness cannot set),
-    antiphase, the pair's (bool masks [N]) mean |Δ(L_first − L_second)| over the `span` steps after the
-    crossing (nan if fewer than 10), and curve, the sharpness at every step (nan where unmeasured). Needs
-    `measured`, `edge_of_stability`."""
+def intervention_endpoints(history, lr, pair, window=50):
+    """From a `train` history (sharpness as "eigenvalues"): crossing and approach (`edge_of_stability`),
+    antiphase, the pair's (bool masks [N]) mean |Δ(L_first − L_second)| over the `window` steps from the
+    crossing (nan if under 10), curve, the sharpness per step. Needs `measured`, `edge_of_stability`."""
     steps, sharpness = measured(history, "eigenvalues")
     losses = history["per_example_loss"].astype(np.float64)
     eos = edge_of_stability(steps, sharpness[:, 0], 2 / lr, len(losses))
-    gap = losses[eos["after"]:eos["after"] + span, pair[0]].mean(1) - losses[eos["after"]:eos["after"] + span,
-                                                                             pair[1]].mean(1)
+    span = losses[eos["after"]:eos["after"] + window]
+    gap = span[:, pair[0]].mean(1) - span[:, pair[1]].mean(1)
     curve = np.full(len(losses), np.nan)
     curve[steps] = sharpness[:, 0]
     return {"crossing": eos["crossing"], "approach": eos["approach"], "curve": curve,
             "antiphase": float(np.abs(np.diff(gap)).mean()) if len(gap) >= 10 else math.nan}
 
 def feature_shares(features, index, loss_change):
-    """Which features the outliers carry: each feature's (bool masks [F, N]) share of the outliers' summed
-    |Δℓ| over the selections (index, loss_change [S, top]), and its base rate. Returns ([F], [F])."""
+    """Each feature's (bool masks [F, N]) share of the outliers' summed |Δℓ| over the selections (index,
+    loss_change [S, top]), and its base rate: ([F], [F])."""
     mass = np.zeros(features.shape[1])
     magnitude = np.abs(np.asarray(loss_change, dtype=np.float64)).reshape(-1)
     np.add.at(mass, np.asarray(index).reshape(-1), magnitude)
     return features @ mass / max(mass.sum(), 1e-300), features.mean(1)
 
 def top_feature(features, index, loss_change, min_base=0.01):
-    """The feature the outliers carry most over its base rate (`feature_shares`; base rate >= min_base).
-    Returns (its index, that ratio). Needs `feature_shares`."""
+    """The feature the outliers carry most over its base rate (base rate >= min_base): (index, ratio). Needs
+    `feature_shares`."""
     share, base = feature_shares(features, index, loss_change)
     ratio = np.where(base >= min_base, share / np.maximum(base, 1e-300), -np.inf)
     return int(np.argmax(ratio)), float(np.max(ratio))
 
 def early_layer_ratio(layer_values):
-    """Is the curvature in the early layers? The largest per-layer sharpness (`layer_sharpness`, [L] in module
-    order) among the first third of the layers (rounded up) over the largest among the others."""
+    """The largest per-layer sharpness ([L]) in the first third of layers (rounded up) over the rest's."""
     early = math.ceil(len(layer_values) / 3)
     return float(np.max(layer_values[:early]) / np.max(layer_values[early:]))
 
 def t_quantile(q, dof):
-    """The q-quantile of Student's t with `dof` degrees of freedom: its density integrated numerically from 0
-    (where the distribution function is ½ by symmetry, so heavy tails are not cut)."""
+    """The q-quantile of Student's t with `dof` degrees of freedom, by integrating its density from 0."""
     grid = np.linspace(0, 200, 400001)
     density = np.exp(torch.distributions.StudentT(float(dof)).log_prob(torch.as_tensor(grid)).numpy())
     cdf = 0.5 + np.concatenate([[0], np.cumsum((density[1:] + density[:-1]) / 2 * (grid[1] - grid[0]))])
     return float(np.sign(q - 0.5) * grid[min(np.searchsorted(cdf, max(q, 1 - q)), len(grid) - 1)])
 
 def t_interval(values, level=0.95):
-    """Mean of the finite `values` and its Student t interval mean ± q·sd/√n, q the (1 + level)/2 quantile of
-    t with n − 1 degrees of freedom. Returns (mean, low, high); low and high nan for fewer than 2 values.
-    Needs `t_quantile`."""
+    """Mean of the finite `values` and its t interval mean ± q·sd/√n, q the (1 + level)/2 quantile of t with n
+    − 1 dof: (mean, low, high), low, high nan below 2 values. Needs `t_quantile`."""
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     if len(values) < 2:
@@ -1696,7 +1585,8 @@ def t_interval(values, level=0.95):
     return float(values.mean()), float(values.mean() - half), float(values.mean() + half)
 
 def detectable_effect(sd, n, power=0.8, level=0.95):
-    """The smallest mean paired difference that n paired seeds with standard deviation sd detect (the t
-    interval excludes zero) with probability `power`: (t_(1+level)/2 + t_power) · sd / √n, t with n − 1
-    degrees of freedom. Needs `t_quantile`."""
+    """The smallest mean paired difference n seeds of sd `sd` detect with probability `power`: (t_(1+level)/2
+    + t_power) · sd / √n, t with n − 1 dof; nan for n < 2. Needs `t_quantile`."""
+    if n < 2:
+        return math.nan
     return (t_quantile((1 + level) / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)

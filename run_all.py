@@ -1,7 +1,7 @@
 """
 run_all.py: reproduce every phenomenon of osig end to end; write per-seed records, figures and a report.
 
-    python run_all.py                            # every experiment: the GPU profile with CUDA, else the CPU one
+    python run_all.py                            # every experiment: the GPU profile with CUDA, else CPU
     python run_all.py --only linear              # one experiment (repeatable); the report keeps the others
     python run_all.py --profile gpu --preflight  # a few steps of every GPU setting, on any device
     python run_all.py --claims                   # the claims table (README's), with values from --out
@@ -30,10 +30,10 @@ import osig
 
 @dataclass(frozen=True)
 class LinearConfig:
-    """The two-layer linear model bᵀAx on data with a rare opposing feature, by gradient descent at a large lr,
-    a small lr and, as a control, at a feature size α like the genuine features'."""
+    """The two-layer linear model bᵀAx on data with a rare opposing feature, by gradient descent at a large
+    lr, a small lr and, as a control, at a feature size α like the genuine features'."""
     kind = "linear"
-    n_pairs: int = 200              # examples carrying the feature, each with s = +1 and −1: p = 2 n_pairs / N
+    n_pairs: int = 200              # examples with the feature, each with s = +1 and −1: p = 2 n_pairs / N
     n_plain: int = 800              # examples without it
     alpha: float = 7.0              # its size: p α² = 16.3 against genuine second moments <= 1
     control_alpha: float = 1.0
@@ -49,8 +49,9 @@ class LinearConfig:
 
 @dataclass(frozen=True)
 class ToyConfig:
-    """A one-hidden-layer ReLU network on the same data (target offset on |x_0|), with a small control α and the
-    same α at offset 0 (nothing to learn from |x_0|); "ce" classifies the target's sign by cross-entropy."""
+    """A one-hidden-layer ReLU network on the same data (target offset on |x_0|), with a small control α and
+    the same α at offset 0 (nothing to learn from |x_0|); "ce" classifies the target's sign by cross-entropy.
+    """
     kind = "toy"
     loss: str = "mse"               # mse | ce
     n_pairs: int = 100              # p = 2 n_pairs / N = 1/3
@@ -86,7 +87,7 @@ class GDConfig:
     eig_every: int = 25             # steps between measurements
     eig_k: int = 4                  # top eigenvalues (MSE puts several at 2/lr together)
     top: int = 30                   # outliers per selection
-    bands: int = 3                  # candidates per outlier that just missed: the selection-matched draws' pool
+    bands: int = 3                  # candidates per outlier that just missed: the matched draws' pool
     random: int = 30                # random examples whose gradients the outliers' are compared with
     layer_measurements: int = 3     # per-layer sharpness at the first measurements at or above 2/lr
     components: int = 300           # the Gaussian surrogate's principal components
@@ -96,8 +97,8 @@ class GDConfig:
 
 @dataclass(frozen=True)
 class DoseConfig:
-    """GD on planted images over a grid of planted strength and fraction, and the strongest, most frequent plant
-    on one class only (as many images, opposing nothing)."""
+    """GD on planted images over a grid of planted strength and fraction, and the strongest, most frequent
+    plant on one class only (as many images, opposing nothing)."""
     kind = "dose"
     strengths: tuple = (0.0, 0.25, 0.5, 1.0)      # 0: nothing planted
     fractions: tuple = (0.05, 0.1, 0.25)          # of the two planted classes' images
@@ -111,9 +112,9 @@ class DoseConfig:
 
 @dataclass(frozen=True)
 class InterventionsConfig:
-    """Causal tests on CIFAR-10, every variant paired with its control by seed (subset and initialization): the
-    sky swapped for other photographs' pixels, an opposing paste, the top movers and the sky birds and ships
-    removed, each against a matched control. Endpoints: the steps from 0.8·2/lr to 2/lr, the sky pair's
+    """Causal tests on CIFAR-10, every variant paired with its control by seed (subset and initialization):
+    the sky swapped for other photographs' pixels, an opposing paste, the top movers and the sky birds and
+    ships removed, each against a matched control. Endpoints: the steps from 0.8·2/lr to 2/lr, the sky pair's
     anti-phase after the crossing."""
     kind = "interventions"
     n: int = 500                    # images of the swap and removal runs
@@ -123,9 +124,9 @@ class InterventionsConfig:
     steps: int = 200
     eig_every: int = 10             # coarse sharpness grid, and ...
     fine_every: int = 3             # ... the fine one from 0.7·2/lr to the crossing
-    window: int = 40                # steps after the crossing: the movers' ranking and the anti-phase amplitude
+    window: int = 40                # steps after the crossing: the movers' ranking, the anti-phase amplitude
     fraction: float = 0.05          # removed fraction
-    tolerance: float = 0.02         # manipulation check: the swap's arms agree on λ₀ and the inputs' top moment
+    tolerance: float = 0.02         # manipulation check: the swap's arms agree on λ₀ and the input moment
     n_probe: int = 200              # non-airplane test images pasted with the sky and the matched colour
     seeds: tuple = tuple(range(14))   # pilot (seeds 0-4) paired sd 14 steps: 14 seeds detect 11 (80% power)
 
@@ -149,15 +150,15 @@ class OptimizersConfig:
     momentum: float = 0.9           # SGD and split's SGD part; β1 of Adam and of split's normalized part
     sgd_lrs: tuple = (0.1, 0.3, 1.0)
     adam_lrs: tuple = (3e-4, 1e-3, 3e-3, 1e-2)      # extended below 3e-3, the last profile's low edge
-    split_lrs: tuple = (0.1, 0.3, 1.0)              # split's SGD part; its normalized part takes Adam's best lr
+    split_lrs: tuple = (0.1, 0.3, 1.0)              # split's SGD part; its Adam part takes Adam's best lr
     split_quantile: float = 0.1
     full_batch_lrs: tuple = (0.15, 3e-3)            # full-batch GD (text_gd's lr) and full-batch Adam
     full_batch_steps: int = 500
-    record_every: int = 5           # per-example losses every this many steps (odd: period 2 still alternates)
+    record_every: int = 5           # per-example losses every this many steps (odd: period 2 alternates)
     eig_every: int = 100
     eig_examples: int = 32
     top: int = 40
-    window: int = 20                # record intervals measured after each selection
+    intervals: int = 20             # record intervals measured after each selection
     seeds: tuple = (0, 1, 2)
 
 GD = GDConfig()
@@ -165,11 +166,13 @@ PROFILES = {"cpu": {   # a laptop CPU, real CIFAR-10 and tiny Shakespeare: at mo
     "linear": LinearConfig(), "toy": ToyConfig(),
     "toy_ce": ToyConfig(loss="ce", offset=0.75, hidden_bias=0.3, lr=0.2),
     "cifar_mse": GD,
-    "cifar_ce": dataclasses.replace(GD, activation="tanh", loss="ce", lr=0.05, steps=600, eig_k=1, eos_by=500),
+    "cifar_ce": dataclasses.replace(GD, activation="tanh", loss="ce", lr=0.05, steps=600, eig_k=1,
+                                    eos_by=500),
     "cnn_mse": GDConfig(n=500, model="cnn", width=16, lr=0.1, steps=800, eig_every=50, eig_k=1),
     "text_gd": GDConfig(data="shakespeare", n=128, model="gpt", width=64, loss="ce", lr=0.15, steps=600,
                         eig_k=1, top=60, eos_by=500),
-    "text_optimizers": OptimizersConfig(), "planted_dose": DoseConfig(), "interventions": InterventionsConfig()}}
+    "text_optimizers": OptimizersConfig(), "planted_dose": DoseConfig(),
+    "interventions": InterventionsConfig()}}
 PROFILES["smoke"] = {   # seconds, synthetic images and a few thousand characters: the tests
     "linear": LinearConfig(large_steps=400, small_steps=1000), "toy": ToyConfig(steps=600),
     "toy_ce": ToyConfig(loss="ce", offset=0.75, hidden_bias=0.3, lr=0.2, steps=600),
@@ -177,12 +180,13 @@ PROFILES["smoke"] = {   # seconds, synthetic images and a few thousand character
                           components=50, eos_by=150, seeds=(0,)),
     "cifar_ce": GDConfig(data="planted", n=400, width=64, activation="tanh", loss="ce", lr=0.2, steps=150,
                          eig_every=10, eig_k=1, top=10, components=50, eos_by=150, seeds=(0,)),
-    "text_gd": GDConfig(data="shakespeare", n=24, model="gpt", width=32, depth=1, heads=2, context=32, loss="ce",
-                        lr=0.5, steps=150, eig_every=10, eig_k=1, top=20, eos_by=150, seeds=(0,)),
-    "optimizers": OptimizersConfig(data="planted", n=400, n_test=200, model="mlp", width=32, depth=1, loss="mse",
-                                   steps=90, batch_size=32, sgd_lrs=(0.01, 0.03), adam_lrs=(3e-4, 1e-3),
-                                   split_lrs=(0.01, 0.03), full_batch_lrs=(0.1, 1e-3), full_batch_steps=60,
-                                   record_every=3, eig_every=30, eig_examples=200, top=10, window=8, seeds=(0,)),
+    "text_gd": GDConfig(data="shakespeare", n=24, model="gpt", width=32, depth=1, heads=2, context=32,
+                        loss="ce", lr=0.5, steps=150, eig_every=10, eig_k=1, top=20, eos_by=150, seeds=(0,)),
+    "optimizers": OptimizersConfig(data="planted", n=400, n_test=200, model="mlp", width=32, depth=1,
+                                   loss="mse", steps=90, batch_size=32, sgd_lrs=(0.01, 0.03),
+                                   adam_lrs=(3e-4, 1e-3), split_lrs=(0.01, 0.03), full_batch_lrs=(0.1, 1e-3),
+                                   full_batch_steps=60, record_every=3, eig_every=30, eig_examples=200,
+                                   top=10, intervals=8, seeds=(0,)),
     "planted_dose": DoseConfig(strengths=(0.0, 1.0), fractions=(0.25,), steps=120, seeds=(0,)),
     "interventions": InterventionsConfig(n=200, n_paste=400, steps=100, window=30, n_probe=50, seeds=(0, 1))}
 PROFILES["gpu"] = dict(PROFILES["cpu"], **{   # one H100 or H200: larger models and data where they differ
@@ -224,11 +228,13 @@ def sky_colour(images, sky):
     top = images[torch.as_tensor(sky)][:, :images.shape[1] // 4]
     pixels = top[osig.sky_pixels(top)].float()
     saturation = pixels[:, 2] - pixels[:, 0]
-    return pixels[saturation >= saturation.median()].mean(0) if len(pixels) else torch.tensor([80.0, 150, 255])
+    return pixels[saturation >= saturation.median()].mean(0) if len(pixels) else torch.tensor(
+        [80.0, 150, 255])
 
 def mechanism(model, x, y, loss_fn, lr, steps, state):
-    """Full-batch GD with the sharpness and state(model) at every step: arrays [steps] (nan after a divergence)
-    with sharpness, loss, lr, the crossing and `after` of `osig.edge_of_stability`, and diverged."""
+    """Full-batch GD with the sharpness and state(model) at every step: arrays [steps] (nan after a
+    divergence) with sharpness, loss, lr, the crossing and `after` of `osig.edge_of_stability`, and diverged.
+    """
     sharpness = osig.sharpness_measure(loss_fn, x, y, every=1)
     history = osig.train(model, x, y, loss_fn, torch.optim.SGD(model.parameters(), lr=lr), steps, log=None,
                          measure=lambda step, model, opt: dict(sharpness(step, model, opt), **state(model)))
@@ -245,8 +251,8 @@ def mechanism(model, x, y, loss_fn, lr, steps, state):
 def run_linear(cfg, seed, device, log):
     """The two-layer linear model at a large lr, a small lr and a control α (float64, on the CPU). Record:
     {large, small, control}/{sharpness, loss, opposing_weight, prediction, rayleigh_quotient, loss_plus,
-    loss_minus, b_norm_sq, genuine_norm, residual_term_norm} f[T] {large, small, control}/episode b[T]
-    {large, small, control}/{crossing, theory, lr} f[] {large, small, control}/after i[] {large, small,
+    loss_minus, b_norm_sq, genuine_norm, residual_term_norm} f[T] {large, small, control}/episode b[T] {large,
+    small, control}/{crossing, theory, lr} f[] {large, small, control}/after i[] {large, small,
     control}/diverged U[]"""
     record = {}
     for run, alpha, lr, steps in (("large", cfg.alpha, cfg.large_lr, cfg.large_steps),
@@ -255,11 +261,14 @@ def run_linear(cfg, seed, device, log):
         x, y, sign = osig.make_opposing_signal_data(cfg.n_pairs, cfg.n_plain, alpha, cfg.scales,
                                                     offset=cfg.offset, seed=seed)
         model = osig.TwoLayerLinear(x.shape[1], cfg.width, cfg.init_scale, seed=seed)
-        r = mechanism(model, x, y, osig.regression_loss, lr, steps, lambda m: osig.linear_state(m, x, y, sign))
-        record[run] = dict(r, episode=osig.oscillation_episode(r["loss_plus"], r["loss_minus"], r["sharpness"],
-                                                               2 / lr),   # p α² |β|, the small lr's end:
-                           theory=float((x[:, 0] ** 2).mean() * torch.linalg.lstsq(x, y[:, None]).solution.norm()))
-        log(f"  {run}: alpha {alpha}, lr {lr}: max sharpness {np.nanmax(r['sharpness']):.4g}, 2/lr {2 / lr:.4g}")
+        r = mechanism(model, x, y, osig.regression_loss, lr, steps,
+                      lambda m: osig.linear_state(m, x, y, sign))
+        record[run] = dict(r, episode=osig.oscillation_episode(r["loss_plus"], r["loss_minus"],
+                                                               r["sharpness"], 2 / lr),
+                           theory=float((x[:, 0] ** 2).mean()                  # p α² |β|, the small lr's end
+                                        * torch.linalg.lstsq(x, y[:, None]).solution.norm()))
+        log(f"  {run}: alpha {alpha}, lr {lr}: max sharpness {np.nanmax(r['sharpness']):.4g}, "
+            f"2/lr {2 / lr:.4g}")
     return record
 
 def run_toy(cfg, seed, device, log):
@@ -271,11 +280,12 @@ def run_toy(cfg, seed, device, log):
     record = {}
     for run, alpha, offset in (("toy", cfg.alpha, cfg.offset), ("control", cfg.control_alpha, cfg.offset),
                                ("flat", cfg.alpha, 0.0)):
-        x, y, sign = osig.make_opposing_signal_data(cfg.n_pairs, cfg.n_plain, alpha, cfg.scales, offset=offset,
-                                                    seed=seed)
-        loss_fn, y = (osig.regression_loss, y) if cfg.loss == "mse" else (osig.cross_entropy_loss, (y > 0).long())
-        model = osig.make_toy_network(x.shape[1], cfg.width, cfg.weight_scale, cfg.output_scale, cfg.hidden_bias,
-                                      seed, num_outputs=1 if cfg.loss == "mse" else 2)
+        x, y, sign = osig.make_opposing_signal_data(cfg.n_pairs, cfg.n_plain, alpha, cfg.scales,
+                                                    offset=offset, seed=seed)
+        loss_fn, y = (osig.regression_loss, y) if cfg.loss == "mse" else (osig.cross_entropy_loss,
+                                                                            (y > 0).long())
+        model = osig.make_toy_network(x.shape[1], cfg.width, cfg.weight_scale, cfg.output_scale,
+                                      cfg.hidden_bias, seed, num_outputs=1 if cfg.loss == "mse" else 2)
         probes, grid = osig.opposing_probes(alpha, x.shape[1])
         r = mechanism(model, x, y, loss_fn, cfg.lr, cfg.steps,
                       lambda m: osig.toy_state(m, loss_fn, x, y, sign, probes))
@@ -286,10 +296,10 @@ def run_toy(cfg, seed, device, log):
     return record
 
 def gd_data(cfg, seed, surrogate=False, download=True):
-    """x, y, what the record keeps of the examples, and the probes. Images: labels, the real images' sky groups
-    (kept for the surrogate), planted ids and the images (`osig.gaussian_surrogate` of them); probes: uniform
-    images of the `sky_colour`, its norm- and variance-matched control (`osig.matched_probe`) and green. Text:
-    the characters' features (of `osig.markov_surrogate` sequences for the surrogate)."""
+    """x, y, what the record keeps of the examples, and the probes. Images: labels, the real images' sky
+    groups (kept for the surrogate), planted ids and the images (`osig.gaussian_surrogate` of them); probes:
+    uniform images of the `sky_colour`, its norm- and variance-matched control (`osig.matched_probe`) and
+    green. Text: the characters' features (of `osig.markov_surrogate` sequences for the surrogate)."""
     if cfg.data == "shakespeare":
         tokens, vocabulary = osig.encode_characters(osig.load_tiny_shakespeare(download=download))
         x, y = osig.text_sequences(tokens, cfg.n, cfg.context, seed=seed)
@@ -304,14 +314,14 @@ def gd_data(cfg, seed, surrogate=False, download=True):
     x, mean, std = osig.normalize(images)
     probe = osig.uniform_probe(rgb, mean, std)
     probes = torch.cat([probe, osig.matched_probe(probe, x), osig.uniform_probe(GREEN, mean, std)])
-    return x, labels, dict(labels=labels.numpy(), sky=sky.numpy(), no_sky=no_sky.numpy(), planted=planted.numpy(),
-                           images=images.numpy()), probes
+    return x, labels, dict(labels=labels.numpy(), sky=sky.numpy(), no_sky=no_sky.numpy(),
+                           planted=planted.numpy(), images=images.numpy()), probes
 
 def run_gd(cfg, seed, device, log, surrogate=False):
     """Full-batch GD on images or text, or their surrogate: the sharpness and `osig.outlier_state` every
-    eig_every steps, the per-layer sharpness at the first measurements at or above 2/lr, the probes every step.
-    Record: loss f[T] per_example_loss f[T,N] eig_step i[E] eigenvalues f[E,K] candidates i[E,C] change f[E,C]
-    random i[E,R] unstable f[E,Q] gram f[E,C,C] curvature f[E,N] layer_step i[M] layer_sharpness f[M,L]
+    eig_every steps, the per-layer sharpness at the first measurements at or above 2/lr, the probes every
+    step. Record: loss f[T] per_example_loss f[T,N] eig_step i[E] eigenvalues f[E,K] candidates i[E,C] change
+    f[E,C] random i[E,R] unstable f[E,Q] gram f[E,C,C] curvature f[E,N] layer_step i[M] layer_sharpness f[M,L]
     layer_names U[L] lr f[] {eos_by, top} i[] eos/{crossing, approach, start_ratio, hover} f[] eos/after i[]
     diverged U[] Record if images: labels i[N] planted i[N] {sky, no_sky} b[N] images u[N,H,W,3] probe_output
     f[T,P,J] Record if text: features b[F,N] feature_names U[F]"""
@@ -324,7 +334,8 @@ def run_gd(cfg, seed, device, log, surrogate=False):
         with torch.no_grad():
             result = {} if probes is None else {"probe_output": model(probes).cpu().numpy()}
         if step % cfg.eig_every == 0:
-            values, warm["v"], _ = osig.top_eigenvalues(model, loss_fn, x, y, cfg.eig_k, chunk, v0=warm.get("v"))
+            values, warm["v"], _ = osig.top_eigenvalues(model, loss_fn, x, y, cfg.eig_k, chunk,
+                                                        v0=warm.get("v"))
             if not torch.isfinite(values).all():
                 raise FloatingPointError(f"non-finite sharpness {values.tolist()}")
             result.update(eigenvalues=values.numpy(), **osig.outlier_state(
@@ -339,24 +350,28 @@ def run_gd(cfg, seed, device, log, surrogate=False):
                          chunk=chunk, measure=measure, seed=seed, log=log)
     steps, values = osig.measured(history, "eigenvalues")
     names = osig.parameter_layers(model)[0]
-    record.update({key: osig.measured(history, key)[1] for key in ("change", "unstable", "gram", "curvature")},
+    record.update({key: osig.measured(history, key)[1]
+                   for key in ("change", "unstable", "gram", "curvature")},
                   candidates=osig.measured(history, "candidates")[1].astype(np.int64), eigenvalues=values,
                   random=osig.measured(history, "random")[1].astype(np.int64), eig_step=steps,
-                  loss=history["loss"], per_example_loss=history["per_example_loss"], layer_names=np.array(names),
+                  loss=history["loss"], per_example_loss=history["per_example_loss"],
+                  layer_names=np.array(names),
                   layer_step=np.array(layers, dtype=np.int64), layer_sharpness=osig.measured(
                       history, "layer_sharpness")[1].reshape(len(layers), len(names)), lr=cfg.lr, top=cfg.top,
                   eos_by=cfg.eos_by, diverged=history["diverged"] or "",
                   eos=osig.edge_of_stability(steps, values[:, 0], 2 / cfg.lr, cfg.steps))
-    record["gram"], record["curvature"] = record["gram"].astype(np.float32), record["curvature"].astype(np.float32)
+    record["gram"], record["curvature"] = (record["gram"].astype(np.float32),
+                                           record["curvature"].astype(np.float32))
     if probes is not None:
         record["probe_output"] = np.full((cfg.steps,) + tuple(probes.shape[:1]) + (10,), np.nan)
-        record["probe_output"][osig.measured(history, "probe_output")[0]] = osig.measured(history, "probe_output")[1]
+        record["probe_output"][osig.measured(history, "probe_output")[0]] = osig.measured(
+            history, "probe_output")[1]
     return record
 
 def run_dose(cfg, seed, device, log):
     """Every cell of the planted strength x fraction grid, and the strongest, most frequent plant on one class
-    (as many images: no opposition): the sharpness every eig_every steps. Record: steps i[E] sharpness f[S,F,E]
-    one_class f[E] lr f[]"""
+    (as many images: no opposition): the sharpness every eig_every steps. Record: steps i[E] sharpness
+    f[S,F,E] one_class f[E] lr f[]"""
     def sharpness(planted_classes, strength, fraction):
         images, labels, _ = osig.make_planted_images(n=cfg.n, planted_classes=planted_classes, seed=seed,
                                                      planted_fraction=fraction, planted_strength=strength,
@@ -378,9 +393,10 @@ def run_dose(cfg, seed, device, log):
             "one_class": sharpness((AIRPLANE,), cfg.strengths[-1], 2 * cfg.fractions[-1])}
 
 def intervention_run(cfg, x, y, seed, device, pastes=(), snapshot=None):
-    """GD from the seed's initialization on (x, y): the sharpness every eig_every steps, every fine_every steps
-    from 0.7·2/lr to the crossing and every 2·eig_every after; p(airplane) on each batch of pasted test images
-    every step; into snapshot (a dict), the step and parameters of the first measurement at or above 2/lr."""
+    """GD from the seed's initialization on (x, y): the sharpness every eig_every steps, every fine_every
+    steps from 0.7·2/lr to the crossing and every 2·eig_every after; p(airplane) on each batch of pasted test
+    images every step; into snapshot (a dict), the step and parameters of the first measurement at or above
+    2/lr."""
     x, y, last = x.to(device), torch.as_tensor(y).to(device), {"value": 0.0}
     torch.manual_seed(seed)
     model = osig.MLP(x[0].numel(), cfg.width, 2, 10).to(device)
@@ -402,9 +418,9 @@ def intervention_run(cfg, x, y, seed, device, pastes=(), snapshot=None):
                       measure=measure, seed=seed, log=None)
 
 def arm_statistics(cfg, images, labels, mean, std, seed, sharpness=True):
-    """The manipulation check for one arm's images: λ₀, the sharpness at the seed's initialization (nan without
-    `sharpness`), and the top eigenvalue of the inputs' second moment xᵀx/N, x normalized with the unedited
-    images' mean and std (so that arms differ only where pixels changed)."""
+    """The manipulation check for one arm's images: λ₀, the sharpness at the seed's initialization (nan
+    without `sharpness`), and the top eigenvalue of the inputs' second moment xᵀx/N, x normalized with the
+    unedited images' mean and std (so that arms differ only where pixels changed)."""
     x, flat = osig.normalize(images, mean, std)[0], osig.normalize(images, mean, std)[0].flatten(1).double()
     torch.manual_seed(seed)
     model = osig.MLP(x[0].numel(), cfg.width, 2, 10)
@@ -413,17 +429,17 @@ def arm_statistics(cfg, images, labels, mean, std, seed, sharpness=True):
     return float(λ0), float(osig.lanczos(lambda v: flat.T @ (flat @ v) / len(flat), flat.shape[1])[0][0])
 
 def swap_arms(cfg, images, labels, sky, no_sky, mean, std, seed, attempts=30):
-    """The background swap and its control. Swap: every sky image's `osig.sky_pixels` take the pixels of a random
-    clearly-no-sky image of another class (`osig.background_swap`). Control: the same masks on as many non-sky
-    images of the same classes (any non-sky image where a class runs short), donors drawn the same way, redrawn
-    until λ₀ and the input moment (`arm_statistics`) agree with the swap's within cfg.tolerance: each attempt
-    draws new donors and recipients at another point from the darkest to the brightest under each mask. Returns
-    both image sets and their statistics (the closest attempt's when none agrees)."""
+    """The background swap and its control. Swap: every sky image's `osig.sky_pixels` take the pixels of a
+    random clearly-no-sky image of another class (`osig.background_swap`). Control: the same masks on as many
+    non-sky images of the same classes (any non-sky image where a class runs short), donors drawn the same
+    way, redrawn until λ₀ and the input moment (`arm_statistics`) agree with the swap's within cfg.tolerance:
+    each attempt draws new donors and recipients at another point from the darkest to the brightest under each
+    mask. Returns both image sets and their statistics (the closest attempt's when none agrees)."""
     rng, donors_pool, sky_index = np.random.default_rng(seed), np.flatnonzero(no_sky), np.flatnonzero(sky)
     masks = osig.sky_pixels(images) & torch.as_tensor(sky)[:, None, None]
     flat_masks, luminance = masks[sky_index].flatten(1).float(), (images.float() @ torch.tensor(
         [0.299, 0.587, 0.114])).flatten(1)
-    under_mask = (flat_masks @ luminance.T / flat_masks.sum(1, keepdim=True).clamp_min(1)).numpy()   # [sky, N]
+    under_mask = (flat_masks @ luminance.T / flat_masks.sum(1, keepdim=True).clamp_min(1)).numpy()
 
     def arm(recipients, moved):
         donor = np.full(len(images), -1)
@@ -433,7 +449,8 @@ def swap_arms(cfg, images, labels, sky, no_sky, mean, std, seed, attempts=30):
     swap = arm(sky_index, masks)
     target, best = arm_statistics(cfg, swap, labels, mean, std, seed), (math.inf,)
     for attempt in range(attempts):
-        offset, free, moved = attempt / 20 if attempt <= 20 else rng.random(), ~sky.copy(), torch.zeros_like(masks)
+        offset, free, moved = (attempt / 20 if attempt <= 20 else rng.random(), ~sky.copy(),
+                               torch.zeros_like(masks))
         for k, i in enumerate(sky_index):
             pool = np.flatnonzero(free & (labels == labels[i])) if (free & (labels == labels[i])).any() else \
                 np.flatnonzero(free)
@@ -450,11 +467,12 @@ def swap_arms(cfg, images, labels, sky, no_sky, mean, std, seed, attempts=30):
     return swap, best[1], target, best[2]
 
 def run_interventions(cfg, seed, device, log):
-    """Every variant of one seed, summarized by `osig.intervention_endpoints`: the run as is (which also carries
-    the paste probe), the swap and its control (`swap_arms`), the removals, chosen and matched on the state at
-    the crossing of the run as is, and the pastes on the larger subset. Record: variants U[V] {crossing,
-    approach, antiphase, lambda0, moment} f[V] curves f[V,T] shift f[T,2] (p(airplane) of non-airplane test
-    images with the sky and with the matched colour pasted, minus the original) tolerance f[]"""
+    """Every variant of one seed, summarized by `osig.intervention_endpoints`: the run as is (which also
+    carries the paste probe), the swap and its control (`swap_arms`), the removals, chosen and matched on the
+    state at the crossing of the run as is, and the pastes on the larger subset. Record: variants U[V]
+    {crossing, approach, antiphase, lambda0, moment} f[V] curves f[V,T] shift f[T,2] (p(airplane) of
+    non-airplane test images with the sky and with the matched colour pasted, minus the original) tolerance
+    f[]"""
     images, labels, _ = load_images("cifar10", cfg.n, seed)
     labels, (x, mean, std), (sky, no_sky) = labels.numpy(), osig.normalize(images), osig.sky_groups(images)
     sky, no_sky, rgb, y = sky.numpy(), no_sky.numpy(), sky_colour(images, sky), torch.as_tensor(labels)
@@ -472,57 +490,75 @@ def run_interventions(cfg, seed, device, log):
     for name, edited in (("swap sky", swap), ("swap control", control)):
         runs[name] = osig.intervention_endpoints(intervention_run(
             cfg, osig.normalize(edited, mean, std)[0], labels, seed, device), cfg.lr, pair, cfg.window)
-    # removals: the top movers after the crossing, and examples matched at the crossing on what selected them
-    after, losses = snapshot.get("step", cfg.steps - cfg.window - 1), base["per_example_loss"]
-    model = osig.MLP(x[0].numel(), cfg.width, 2, 10)
-    torch.nn.utils.vector_to_parameters(torch.cat([p.reshape(-1) for p in snapshot.get(
-        "parameters", model.parameters())]).cpu(), model.parameters())
-    v = osig.top_eigenvalues(model, osig.mse_loss, x, y)[1][:, 0]
-    grads = [osig.per_example_grads(model, osig.mse_loss, x[s:s + 100], y[s:s + 100]) for s in range(0, cfg.n, 100)]
-    state = np.column_stack([losses[after], torch.cat([g.norm(dim=1) for g in grads]).numpy(),
-                             osig.per_example_curvature(model, osig.mse_loss, x, y, v),
-                             torch.cat([(g @ v).abs() for g in grads]).numpy()])    # loss, |g_i|, vᵀH_iv, |g_i·v|
-    score = np.abs(np.diff(losses[after:after + cfg.window + 1], axis=0)).sum(0)
-    top, feature, keys = np.argsort(-score)[:round(cfg.fraction * cfg.n)], np.flatnonzero(pair[1]), labels.copy()
-    keys[~no_sky & ~pair[1]] = -1                # the feature's matches come from the no-sky examples
-    for name, removed in (("remove top", top), ("remove matched", osig.matched_examples(state, top, labels)),
-                          ("remove sky birds, ships", feature),
-                          ("remove matched no-sky", osig.matched_examples(state[:, [0, 2]], feature, keys))):
-        keep = ~np.isin(np.arange(cfg.n), removed)
-        runs[name] = osig.intervention_endpoints(intervention_run(cfg, x[keep], labels[keep], seed, device),
-                                                 cfg.lr, tuple(group[keep] for group in pair), cfg.window)
-        statistics[name] = arm_statistics(cfg, images[keep], labels[keep], mean, std, seed)
+    # removals: the top movers after the crossing, and examples matched at the crossing on what selected them;
+    # the anti-phase of both is read on the pair members neither removes. No crossing: no removal (nan).
+    nothing = {"crossing": math.nan, "approach": math.nan, "antiphase": math.nan, "curve": np.full(cfg.steps,
+                                                                                                   np.nan)}
+    removals = ("remove top", "remove matched", "remove sky birds, ships", "remove matched no-sky")
+    runs.update({name: nothing for name in removals})
+    statistics.update({name: (math.nan, math.nan) for name in removals})
+    if "parameters" in snapshot:
+        after, losses = snapshot["step"], base["per_example_loss"]
+        model = osig.MLP(x[0].numel(), cfg.width, 2, 10)
+        torch.nn.utils.vector_to_parameters(torch.cat([p.reshape(-1) for p in snapshot["parameters"]]).cpu(),
+                                            model.parameters())
+        v = osig.top_eigenvalues(model, osig.mse_loss, x, y)[1][:, 0]
+        grads = [osig.per_example_grads(model, osig.mse_loss, x[s:s + 100], y[s:s + 100])
+                 for s in range(0, cfg.n, 100)]
+        state = np.column_stack([losses[after], torch.cat([g.norm(dim=1) for g in grads]).numpy(),
+                                 osig.per_example_curvature(model, osig.mse_loss, x, y, v),
+                                 torch.cat([(g @ v).abs() for g in grads]).numpy()])   # ℓ, |g|, vᵀH_iv, |g·v|
+        score = np.abs(np.diff(losses[after:after + cfg.window + 1], axis=0)).sum(0)
+        top, feature, keys = (np.argsort(-score)[:round(cfg.fraction * cfg.n)], np.flatnonzero(pair[1]),
+                              labels.copy())
+        keys[~no_sky & ~pair[1]] = -1            # the feature's matches come from the no-sky examples
+        matched = osig.matched_examples(state, top, labels)
+        common = tuple(group & ~np.isin(np.arange(cfg.n), np.concatenate([top, matched])) for group in pair)
+        no_sky_matched = osig.matched_examples(state[:, [0, 2]], feature, keys)
+        for name, removed, watched in (("remove top", top, common), ("remove matched", matched, common),
+                                       ("remove sky birds, ships", feature, pair),
+                                       ("remove matched no-sky", no_sky_matched, pair)):
+            keep = ~np.isin(np.arange(cfg.n), removed)
+            run = intervention_run(cfg, x[keep], labels[keep], seed, device)
+            runs[name] = osig.intervention_endpoints(run, cfg.lr, tuple(g[keep] for g in watched), cfg.window)
+            statistics[name] = arm_statistics(cfg, images[keep], labels[keep], mean, std, seed)
     # pastes: a saturated sky on airplanes and on birds and ships, against the same paste on airplanes only
     images, labels, _ = load_images("cifar10", cfg.n_paste, seed)
     (x, mean, std), (sky, no_sky), labels = osig.normalize(images), osig.sky_groups(images), labels.numpy()
-    hosts = [np.flatnonzero(~sky.numpy() & np.isin(labels, classes)) for classes in ((AIRPLANE,), (BIRD, SHIP))]
-    half, pair = min(len(hosts[0]) // 2, len(hosts[1])), osig.sky_pair(labels, sky.numpy(), no_sky.numpy())[:2]
+    hosts = [np.flatnonzero(~sky.numpy() & np.isin(labels, classes))
+             for classes in ((AIRPLANE,), (BIRD, SHIP))]
+    half, pair = (min(len(hosts[0]) // 2, len(hosts[1])),
+                  osig.sky_pair(labels, sky.numpy(), no_sky.numpy())[:2])
     for name, members in (("paste opposing", np.concatenate([hosts[0][:half], hosts[1][:half]])),
                           ("paste one class", hosts[0][:2 * half])):
         pasted = osig.paste_top(images, rgb, members=members)
-        runs[name] = osig.intervention_endpoints(intervention_run(cfg, osig.normalize(pasted, mean, std)[0],
-                                                                  labels, seed, device), cfg.lr, pair, cfg.window)
+        runs[name] = osig.intervention_endpoints(intervention_run(
+            cfg, osig.normalize(pasted, mean, std)[0], labels, seed, device), cfg.lr, pair, cfg.window)
         statistics[name] = arm_statistics(cfg, pasted, labels, mean, std, seed)
     for name, run in runs.items():
-        log(f"  seed {seed} | {name}: crossing {run['crossing']:.1f}, approach {run['approach']:.1f}, anti-phase "
-            f"{run['antiphase']:.4f}, λ₀ {statistics[name][0]:.3f}, moment {statistics[name][1]:.1f}")
+        log(f"  seed {seed} | {name}: crossing {run['crossing']:.1f}, approach {run['approach']:.1f}, "
+            f"anti-phase {run['antiphase']:.4f}, λ₀ {statistics[name][0]:.3f}, "
+            f"moment {statistics[name][1]:.1f}")
     airplane = osig.measured(base, "airplane")[1]
     return {"variants": np.array(list(runs)), "curves": np.stack([run["curve"] for run in runs.values()]),
             "shift": airplane[:, 1:] - airplane[:, :1], "tolerance": cfg.tolerance,
-            **{key: np.array([run[key] for run in runs.values()]) for key in ("crossing", "approach", "antiphase")},
-            **{key: np.array([statistics[name][j] for name in runs]) for j, key in enumerate(("lambda0", "moment"))}}
+            **{key: np.array([run[key] for run in runs.values()])
+               for key in ("crossing", "approach", "antiphase")},
+            **{key: np.array([statistics[name][j] for name in runs])
+               for j, key in enumerate(("lambda0", "moment"))}}
 
 def run_optimizers(cfg, seed, device, log):
     """Every optimizer at every step size of its grid, the best of each (the lowest final training loss)
     summarized by `osig.optimizer_summary` with its per-layer sharpness at the end (preconditioned for the
     adaptive ones); then full-batch GD against full-batch Adam, every example's loss at every step. Record:
-    {sgd, adam, split}/{train_loss, test_accuracy, relative, ratio, lr} f[] {sgd, adam, split}/grid f[G]
-    {sgd, adam, split}/edge b[] {sgd, adam, split}/{layers} f[L] {sgd, adam, split}/curve f[R] {gd,
+    {sgd, adam, split}/{train_loss, test_accuracy, relative, ratio, lr} f[] {sgd, adam, split}/grid f[G] {sgd,
+    adam, split}/edge b[] {sgd, adam, split}/{layers} f[L] {sgd, adam, split}/curve f[R] {gd,
     full_adam}/relative f[] {gd, full_adam}/loss f[U]"""
     if cfg.data == "shakespeare":
         tokens = osig.encode_characters(osig.load_tiny_shakespeare())[0]
-        (x, y), (x_test, y_test) = (osig.text_sequences(tokens[:int(0.9 * len(tokens))], cfg.n, cfg.context, 0),
-                                    osig.text_sequences(tokens[int(0.9 * len(tokens)):], cfg.n_test, cfg.context, 1))
+        (x, y), (x_test, y_test) = (
+            osig.text_sequences(tokens[:int(0.9 * len(tokens))], cfg.n, cfg.context, 0),
+            osig.text_sequences(tokens[int(0.9 * len(tokens)):], cfg.n_test, cfg.context, 1))
     else:
         images, labels, _ = load_images(cfg.data, cfg.n + cfg.n_test, 0)
         (x, mean, std), y, y_test = osig.normalize(images[:cfg.n]), labels[:cfg.n], labels[cfg.n:]
@@ -540,22 +576,24 @@ def run_optimizers(cfg, seed, device, log):
             model = build_model(cfg, x.shape[1:], seed, classes).to(device)
             optimizer = {"sgd": lambda: torch.optim.SGD(model.parameters(), lr, cfg.momentum),
                          "adam": lambda: torch.optim.Adam(model.parameters(), lr, (cfg.momentum, 0.999)),
-                         "split": lambda: osig.SplitSGD(model.parameters(), lr, best["adam"], cfg.split_quantile,
-                                                        cfg.momentum)}[name]()
+                         "split": lambda: osig.SplitSGD(model.parameters(), lr, best["adam"],
+                                                        cfg.split_quantile, cfg.momentum)}[name]()
             sharpness = osig.sharpness_measure(loss_fn, x[:e], y[:e], cfg.eig_every,
                                                preconditioner=osig.adaptive_preconditioner)
-            history = osig.train(model, x, y, loss_fn, optimizer, cfg.steps, batch_size=cfg.batch_size, seed=seed,
-                                 log=None, measure=lambda step, model, opt: dict(sharpness(step, model, opt) or {}, **(
-                                     {"losses": osig.per_example_losses(model, loss_fn, x, y).cpu().numpy()}
-                                     if step % cfg.record_every == 0 else {})))
-            runs.append((osig.optimizer_summary(model, loss_fn, history, optimizer, x, y, x_test, y_test, in_batch,
-                                                cfg.top, cfg.window), model, optimizer))
+            history = osig.train(
+                model, x, y, loss_fn, optimizer, cfg.steps, batch_size=cfg.batch_size, seed=seed, log=None,
+                measure=lambda step, model, opt: dict(sharpness(step, model, opt) or {}, **(
+                    {"losses": osig.per_example_losses(model, loss_fn, x, y).cpu().numpy()}
+                    if step % cfg.record_every == 0 else {})))
+            runs.append((osig.optimizer_summary(model, loss_fn, history, optimizer, x, y, x_test, y_test,
+                                                in_batch, cfg.top, cfg.intervals), model, optimizer))
             log(f"  seed {seed} | {name} lr {lr:g}: train loss {runs[-1][0]['train_loss']:.4f}")
         chosen = int(np.nanargmin([run[0]["train_loss"] for run in runs]))
         (summary, model, optimizer), best[name] = runs[chosen], lrs[chosen]
         P = osig.adaptive_preconditioner(optimizer)
-        record[name] = dict(summary, lr=best[name], grid=[run[0]["train_loss"] for run in runs], edge=chosen in (
-            0, len(lrs) - 1), layers=osig.layer_sharpness(model, loss_fn, x[:e], y[:e], P if P is None else P.rsqrt()))
+        record[name] = dict(summary, lr=best[name], grid=[run[0]["train_loss"] for run in runs],
+                            edge=chosen in (0, len(lrs) - 1), layers=osig.layer_sharpness(
+                                model, loss_fn, x[:e], y[:e], P if P is None else P.rsqrt()))
     for name, lr in zip(("gd", "full_adam"), cfg.full_batch_lrs):
         model = build_model(cfg, x.shape[1:], seed, classes).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr) if name == "gd" else torch.optim.Adam(
@@ -563,24 +601,27 @@ def run_optimizers(cfg, seed, device, log):
         history = osig.train(model, x, y, loss_fn, optimizer, cfg.full_batch_steps, seed=seed, log=None)
         losses = history["per_example_loss"][cfg.full_batch_steps // 5:]
         record[name] = {"loss": history["loss"], "relative": osig.opposing_group_oscillation(
-            losses, y.cpu().numpy(), np.ones(losses.shape, dtype=bool), cfg.top, cfg.window)["median_relative"]}
-        log(f"  seed {seed} | full batch {name} lr {lr:g}: oscillation over control {record[name]['relative']:.3g}")
+            losses, y.cpu().numpy(), np.ones(losses.shape, dtype=bool), cfg.top,
+            cfg.intervals)["median_relative"]}
+        log(f"  seed {seed} | full batch {name} lr {lr:g}: oscillation over control "
+            f"{record[name]['relative']:.3g}")
     return record
 
 # ------------------------------------------------------------ the claims, one row each
 
 @dataclass(frozen=True)
 class Claim:
-    kind: str           # the experiments it applies to: linear, toy, gd (images and text), images, text, deep, ...
+    kind: str           # the experiments it applies to: linear, toy, gd, images, text, deep, dose, ...
     claim: str
     measure: object     # record -> value, or (z, p); pooled: an experiment's records (one per seed) -> value
-    target: str         # "<= 0.05": met when every seed meets it (for gd, beyond the surrogates' 95th percentile)
-    source: str         # paper | recalled | ours | calibration (run); checks: setting | derivation | diagnostic
+    target: str         # "<= 0.05": met when every seed meets it (gd: and beats the surrogates)
+    source: str         # paper | recalled | ours | calibration; checks: setting | derivation | diagnostic
     pooled: bool = False
     requires: object = None     # record -> bool, a setting check: claims of seeds failing it are not judged
 
 def after(r, span=42):
-    """The measurements after the crossing that leave `span` steps to watch (42: the look-alikes' gap + length)."""
+    """The measurements after the crossing that leave `span` steps to watch (42: the look-alikes' gap +
+    length)."""
     return osig.measurable(r["eig_step"], r["eos"]["after"], len(r["loss"]), len(r["loss"]), span)
 
 def before(r):
@@ -593,19 +634,21 @@ def ratio(values, r):
 
 def labels(r):
     """Every example's class: the image's label, or the token's target character."""
-    return r["labels"] if "labels" in r else np.argmax(r["features"][:r["features"].shape[0] // 2], 0)
+    targets = sum(str(name).startswith("target") for name in r.get("feature_names", []))
+    return r["labels"] if "labels" in r else np.argmax(r["features"][:targets], 0)
 
 def unit(r):
     """Every example's unit features (`osig.unit_features`): pixels, or a token's one-hot character pair."""
     return osig.unit_features(r["images"] if "images" in r else r["features"].T)
 
 def selection(r, gradients):
-    """`osig.selection_test` after the crossing: of the first-layer gradients' cosine (more opposed), or of the
-    inputs' coherence (more alike)."""
+    """`osig.selection_test` after the crossing: of the first-layer gradients' cosine (more opposed), or of
+    the inputs' coherence (more alike)."""
     candidates, features = r["candidates"][after(r)], unit(r)
     grams = r["gram"][after(r)] if gradients else [features[c] @ features[c].T for c in candidates]
-    return osig.selection_test(grams, r["change"][after(r)], labels(r)[candidates], r["top"], osig.gram_cosine
-                               if gradients else osig.gram_mean, alternative="less" if gradients else "greater")
+    statistic = osig.gram_cosine if gradients else osig.gram_mean
+    return osig.selection_test(grams, r["change"][after(r)], labels(r)[candidates], r["top"], statistic,
+                               alternative="less" if gradients else "greater")
 
 def outliers(r):
     """The outliers after the crossing and their Δℓ: ([S, top], [S, top])."""
@@ -613,9 +656,8 @@ def outliers(r):
 
 def fall(run, curve="sharpness"):
     """The last 10% of the run's curve over its mean between the crossing and the half-learned step."""
-    values = run[curve]
-    return np.mean(values[int(0.9 * len(values)):]) / np.mean(values[run["after"]:max(run["after"] + 1,
-                                                                                           run["half_learned"])])
+    values, stop = run[curve], max(run["after"] + 1, run["half_learned"])
+    return np.mean(values[int(0.9 * len(values)):]) / np.mean(values[run["after"]:stop])
 
 def flips(run, key=None, mask=None):
     """Sign changes at consecutive steps of the episode: of the groups' loss difference, or of run[key]."""
@@ -632,12 +674,16 @@ def paired(records, variant, control, endpoint="approach", bound=1):
     return osig.t_interval(differences(records, variant, control, endpoint))[bound]
 
 def power(records):
-    """Per contrast, the paired sd of the approach and the effect these seeds detect with 80% power."""
-    sds = [np.nanstd(differences(records, *pair), ddof=1) for pair in CONTRASTS]
-    return [value for sd in sds for value in (sd, osig.detectable_effect(sd, len(records)))]
+    """Per contrast, the seeds with a finite paired difference of the approach, its sd and the effect those
+    seeds detect with 80% power (`osig.detectable_effect`)."""
+    finite = [d[np.isfinite(d)] for d in (differences(records, *pair) for pair in CONTRASTS)]
+    return [v for d in finite for v in (len(d), np.std(d, ddof=1), osig.detectable_effect(np.std(d, ddof=1),
+                                                                                            len(d)))]
 
 def peak(run):
-    """The peak loss in the episodes over the loss at the crossing."""
+    """The peak loss in the episodes over the loss at the crossing (nan if it never crosses)."""
+    if run["after"] >= len(run["loss"]):
+        return np.nan
     return np.nanmax(np.append(run["loss"][run["episode"]], np.nan)) / run["loss"][run["after"]]
 
 def growth(r, run):
@@ -654,8 +700,8 @@ def tail(r, reference=0.5):
     for reference 0.5 up to the crossing)."""
     crossing, losses = r["eos"]["crossing"], r["per_example_loss"]
     stop = crossing if reference == 0.5 else crossing / 2
-    return osig.tail_share(losses, r["eos"]["after"], len(losses)) / osig.tail_share(losses, reference * crossing,
-                                                                                     stop)
+    after_crossing = osig.tail_share(losses, r["eos"]["after"], len(losses))
+    return after_crossing / osig.tail_share(losses, reference * crossing, stop)
 
 def lookalikes(r):
     return osig.lookalike_test(r["per_example_loss"], r["eig_step"], r["candidates"], r["change"], labels(r),
@@ -683,9 +729,12 @@ def inside_grid(r):
     return not any(r[optimizer]["edge"] for optimizer in ("sgd", "adam", "split"))
 
 def rate_ratio(r, first, second):
-    """Two dose curves' sharpening rates over the same window before either crosses 2/lr."""
-    stop = np.nanmin([osig.first_reach(r["steps"], c, 2 / r["lr"]) for c in (first, second)] + [r["steps"][-1]])
-    return osig.sharpening_rate(r["steps"], first, 0, stop) / osig.sharpening_rate(r["steps"], second, 0, stop)
+    """Two dose curves' sharpening rates over the same window before either crosses 2/lr (nan unless both
+    rise)."""
+    crossings = [osig.first_reach(r["steps"], curve, 2 / r["lr"]) for curve in (first, second)]
+    stop = np.nanmin(crossings + [r["steps"][-1]])
+    rates = [osig.sharpening_rate(r["steps"], curve, 0, stop) for curve in (first, second)]
+    return rates[0] / rates[1] if min(rates) > 0 else np.nan
 
 def hover(run):
     return np.median(np.abs(run["sharpness"][run["after"]:] * run["lr"] / 2 - 1))
@@ -694,8 +743,10 @@ def last_tenth(run):
     return np.mean(run["sharpness"][-len(run["sharpness"]) // 10:]) * run["lr"] / 2
 
 def gap_closed(r):
+    """The fraction of SGD's final-loss gap to Adam that split-update SGD closes (nan without a gap)."""
     loss = {optimizer: r[optimizer]["train_loss"] for optimizer in ("sgd", "adam", "split")}
-    return (loss["sgd"] - loss["split"]) / (loss["sgd"] - loss["adam"])
+    gap = loss["sgd"] - loss["adam"]
+    return (loss["sgd"] - loss["split"]) / gap if gap > 0 else np.nan
 
 def ownership(r):
     return ratio(osig.top_fraction_share(r["curvature"]), r)
@@ -705,6 +756,17 @@ def probe(r):
 
 def damping(r, plain, adaptive):
     return r[plain]["relative"] / r[adaptive]["relative"]
+
+def outliers_fall(r):
+    return osig.late_fall(r["toy"]["sharpness"]) - osig.late_fall(r["flat"]["sharpness"])
+
+def crossed(r):
+    """The toy reaches 2/lr: a run that never sharpens must not pass the fall."""
+    return np.isfinite(r["toy"]["crossing"])
+
+def reaches(r, strength):
+    """The dose cell of that strength, at the largest fraction, reaches 2/lr."""
+    return np.nanmax(r["sharpness"][strength, -1]) * r["lr"] / 2 >= 1
 
 def before_learned(run):
     return np.arange(len(run["loss"])) < run["half_learned"]
@@ -724,11 +786,11 @@ CLAIMS = [
     Claim("toy", "sharpening (max − initial) with the outlier feature / with the control α",
           lambda r: growth(r, "toy") / growth(r, "control"), ">= 3", "paper (outliers sharpen); 3: ours"),
     Claim("toy", "the fall: mean sharpness over the last 10% of steps / (2/lr)",
-          lambda r: last_tenth(r["toy"]), "<= 0.9", "recalled; toy_ce: calibration"),
-    Claim("toy", "the fall comes after |x_0| is learned (`fall`)",
-          lambda r: fall(r["toy"]), "<= 0.9", "ours; toy_ce: calibration (set to show the fall)"),
+          lambda r: last_tenth(r["toy"]), "<= 0.9", "recalled; toy_ce: calibration", requires=crossed),
+    Claim("toy", "the fall comes after |x_0| is learned (`fall`)", lambda r: fall(r["toy"]), "<= 0.9",
+          "ours; toy_ce: calibration (set to show the fall)", requires=crossed),
     Claim("toy", "the fall is the outliers' doing: fall from the peak, toy − the same α at offset 0",
-          lambda r: osig.late_fall(r["toy"]["sharpness"]) - osig.late_fall(r["flat"]["sharpness"]), ">= 0.2", "ours"),
+          outliers_fall, ">= 0.2", "ours", requires=crossed),
     Claim("gd", "loss spikes per 100 steps after the crossing: rises of 5x its median |ΔL| over running min",
           lambda r: osig.spike_rate(r["loss"], r["eos"]["after"]), ">= 1", "paper; 5x and 1: ours"),
     Claim("gd", "heavy tail: the top 1%'s share of |Δℓ| at the 10 largest rises, after the crossing / before",
@@ -751,8 +813,8 @@ CLAIMS = [
           probe, ">= 2", "paper (the use of the colour flips); 2: ours; side: calibration"),
     Claim("text", "the outliers' most over-represented common feature: its share of their |Δℓ| / base rate",
           lambda r: osig.top_feature(r["features"], *outliers(r))[1], ">= 3", "ours"),
-    Claim("dose", "the strongest, most frequent plant drives the sharpness to 2/lr within the run",
-          lambda r: float(np.nanmax(r["sharpness"][-1, -1]) * r["lr"] / 2 >= 1), "== 1", "paper"),
+    Claim("dose", "the strongest, most frequent plant drives the sharpness to 2/lr, and nothing planted not",
+          lambda r: float(reaches(r, -1) and not reaches(r, 0)), "== 1", "paper (they drive the edge)"),
     Claim("dose", "before crossing, it sharpens faster than nothing planted (rate ratio)",
           lambda r: rate_ratio(r, r["sharpness"][-1, -1], r["sharpness"][0, -1]), ">= 2", "ours"),
     Claim("dose", "... and faster than the same plant on one class, which opposes nothing (rate ratio)",
@@ -810,6 +872,12 @@ def before_crossing(run, key):
 def balance(run):
     return 2 * np.abs(run["loss_plus"] - run["loss_minus"]) / (run["loss_plus"] + run["loss_minus"])
 
+def next_band(r):
+    """`selection` of inputs for the candidates that just missed the cut: does coherence break at the top?"""
+    candidates, features, top = r["candidates"][after(r)][:, r["top"]:], unit(r), r["top"]
+    grams = [features[c] @ features[c].T for c in candidates]
+    return osig.selection_test(grams, r["change"][after(r)][:, top:], labels(r)[candidates], top)
+
 SET, DER, DIA = "setting", "derivation", "diagnostic"
 CHECKS = [
     Claim("linear", "large lr: the sharpness reaches 2/lr",
@@ -824,7 +892,8 @@ CHECKS = [
           formula, ">= 0.99", DER),
     Claim("linear", "large lr: the opposing direction's Rayleigh quotient is the sharpness in the episodes",
           rayleigh, "<= 0.05", DER),
-    Claim("linear", "small lr: the sharpness ends at p·α²·|β| (relative error)", ends_at_theory, "<= 0.05", DER),
+    Claim("linear", "small lr: the sharpness ends at p·α²·|β| (relative error)",
+          ends_at_theory, "<= 0.05", DER),
     Claim("linear", "small lr: the opposing weight never flips (period-2 fraction)",
           lambda r: osig.period_two_fraction(r["small"]["opposing_weight"]), "== 0", DER),
     Claim("linear", "large lr: the opposing weight grows at |1 − lr·λ| per step (|median ratio − 1|)",
@@ -848,23 +917,26 @@ CHECKS = [
           lambda r: [osig.spike_rate(r["loss"], r["eos"]["after"], k) for k in (2, 10, 20)], "", DIA),
     Claim("gd", "the heavy tail against an earlier reference, steps 0..crossing/2",
           lambda r: tail(r, reference=0), "", DIA),
+    Claim("gd", "coherence of the next band: candidates ranked top+1..2·top against the rest of the pool (z)",
+          next_band, "", DIA),
     Claim("images", "precision: outliers after the crossing that carry the planted feature (planted images)",
           lambda r: np.mean(r["planted"][outliers(r)[0]] > 0) if r["planted"].any() else np.nan, "", DIA),
-    Claim("interventions", "manipulation check: the swap's control within the tolerance of λ₀ and input moment",
+    Claim("interventions", "manipulation check: the swap's control within tolerance of λ₀ and input moment",
           lambda r: float(matched(r)), "== 1", SET),
-    Claim("interventions", "paired sd of each contrast's approach and the effect 80% power detects at these seeds",
+    Claim("interventions", "per contrast: seeds with a finite approach, its paired sd, the effect they find",
           power, "", DIA, True),
     Claim("optimizers", "optimizers whose best step size is at the edge of its grid",
           lambda r: sum(bool(r[o]["edge"]) for o in ("sgd", "adam", "split")), "== 0", SET)]
-CONTRASTS = [("swap sky", "swap control"), ("paste opposing", "paste one class"), ("remove top", "remove matched"),
-             ("remove sky birds, ships", "remove matched no-sky")]
+CONTRASTS = [("swap sky", "swap control"), ("paste opposing", "paste one class"),
+             ("remove top", "remove matched"), ("remove sky birds, ships", "remove matched no-sky")]
 
 def kinds(cfg):
     """The claim kinds an experiment answers: its config's kind, and for gradient descent its data's and, for
     a network deeper than an MLP, "deep"."""
     if cfg.kind != "gd":
         return {cfg.kind}
-    return {"gd", "text" if cfg.data == "shakespeare" else "images"} | ({"deep"} if cfg.model != "mlp" else set())
+    data = "text" if cfg.data == "shakespeare" else "images"
+    return {"gd", data} | ({"deep"} if cfg.model != "mlp" else set())
 
 def satisfies(value, target):
     """Whether a number meets a target such as ">= 0.8" (nan never does)."""
@@ -884,33 +956,33 @@ def measured(row, records):
 
 def judge(cfg, records, surrogates=(), log=print):
     """Every row of CLAIMS and CHECKS the experiment answers, on each seed's record (pooled rows: on the seeds
-    whose `requires` holds, at once). A claim is met when every seed meets its target and, for gradient descent,
-    every seed's value lies beyond the 95th percentile of its surrogates' in the target's direction: a claim the
-    surrogate passes is not evidence. A nan reads "not measurable"; a failing `requires`, "setting check
-    failed". Returns a verdict (a dict) per row."""
+    whose `requires` holds, at once). A claim is met when every seed meets its target and, for gradient
+    descent, every seed's value lies beyond the 95th percentile of its surrogates' in the target's direction:
+    a claim the surrogate passes is not evidence. A nan reads "not measurable"; a failing `requires`, "setting
+    check failed". Returns a verdict (a dict) per row."""
     verdicts = []
     for row in [row for row in CLAIMS + CHECKS if row.kind in kinds(cfg)]:
         passing = [r for r in records if row.requires is None or row.requires(r)]
         (values, p), calibrated = measured(row, passing if row.pooled else records), bool(surrogates) and (
             row in CLAIMS and cfg.kind == "gd")
         null = np.asarray(measured(row, surrogates)[0] if calibrated else [], dtype=float)
-        threshold = float(np.nanpercentile(null, 95 if row.target[:1] == ">" else 5)) if np.isfinite(
-            null).any() else math.nan
+        calibration = len(null) and np.isfinite(null).all()        # every surrogate measurable, or none
+        threshold = float(np.percentile(null, 95 if row.target[0] == ">" else 5)) if calibration else math.nan
         verdict = dict(claim=row.claim, target=row.target, source=row.source, values=values, p=p, met=None,
                        threshold=threshold, counted=row in CLAIMS, seeds="", status="")
         if row.target:
             meets = [satisfies(value, row.target) for value in values]
-            beyond = not calibrated or all(satisfies(value, f"{'>' if row.target[0] == '>' else '<'} {threshold}")
-                                           for value in values)
+            direction = ">" if row.target[0] == ">" else "<"
+            beyond = not calibrated or all(satisfies(value, f"{direction} {threshold}") for value in values)
             status = ("setting check failed" if len(passing) < (2 if row.pooled else len(records)) else
                       "not measurable" if np.isnan(np.asarray(values, dtype=float)).any() else
                       "not met" if not all(meets) else "met" if beyond else
                       "surrogate passes too" if math.isfinite(threshold) else "surrogate not measurable")
             verdict.update(status=status, met=None if status == "setting check failed" else status == "met",
-                           seeds=f"{len(passing)}/{len(records)}" if row.pooled else f"{sum(meets)}/{len(meets)}")
+                           seeds=f"{len(passing) if row.pooled else sum(meets)}/{len(records)}")
         verdicts.append(verdict)
-        log(f"  {'claim' if row in CLAIMS else row.source:>10} | {row.claim[:66]}: {text(values)}" + (
-            f"; surrogate {text(threshold)}" if calibrated else "") + (f" -> {verdict['status']}" if row.target else ""))
+        log(f"  {'claim' if row in CLAIMS else row.source:>10} | {row.claim[:66]}: {text(values)}"
+            + (f"; surrogate {text(threshold)}" if calibrated else "") + f" {verdict['status']}")
     return verdicts
 
 # ------------------------------------------------------------ figures and report
@@ -922,16 +994,17 @@ def figures(name, cfg, r, out):
     edge, e = 2 / getattr(cfg, "lr", getattr(cfg, "large_lr", 1.0)), r.get("eig_step")
     if cfg.kind in ("linear", "toy"):
         run = r["large" if cfg.kind == "linear" else "toy"]
-        t, theory = np.arange(len(run["loss"])), run["prediction" if cfg.kind == "linear" else "opposing_curvature"]
-        rows = [("loss", [(t[::2], run["loss_plus"][::2], "group +α (even steps)"), (t[::2], run["loss_minus"][::2],
-                 "group −α (even steps)"), (t, run["loss"], "total")], None, True),
+        t, theory = (np.arange(len(run["loss"])),
+                     run["prediction" if cfg.kind == "linear" else "opposing_curvature"])
+        rows = [("loss", [(t[::2], run["loss_plus"][::2], "group +α (even steps)"),
+                          (t[::2], run["loss_minus"][::2], "group −α (even steps)"),
+                          (t, run["loss"], "total")], None, True),
                 ("sharpness", [(t, run["sharpness"], "Lanczos"), (t, theory, "the derivation's curvature"),
                                (t, r["control"]["sharpness"][:len(t)], "control α")], edge, False),
-                ("use of the feature", [(t, run.get("opposing_weight", run.get("odd")), "opposing weight or odd "
-                                         "part")], None, False)]
+                ("use of the feature", [(t, run.get("opposing_weight", run.get("odd")), "")], None, False)]
     elif cfg.kind == "dose":
-        rows = [("sharpness", [(r["steps"], r["sharpness"][i, j], f"strength {s:g}, fraction {f:g}") for i, s in
-                               enumerate(cfg.strengths) for j, f in enumerate(cfg.fractions)] + [
+        rows = [("sharpness", [(r["steps"], r["sharpness"][i, j], f"strength {s:g}, fraction {f:g}")
+                               for i, s in enumerate(cfg.strengths) for j, f in enumerate(cfg.fractions)] + [
             (r["steps"], r["one_class"], "strongest, on one class")], edge, False)]
     elif cfg.kind == "interventions":
         rows = [("sharpness", [(np.flatnonzero(np.isfinite(c)), c[np.isfinite(c)], v) for v, c in zip(
@@ -941,8 +1014,8 @@ def figures(name, cfg, r, out):
     elif cfg.kind == "optimizers":
         rows = [("mean training loss", [(np.arange(len(r[o]["curve"])) * cfg.record_every, r[o]["curve"], o)
                                         for o in ("sgd", "adam", "split")], None, True),
-                ("full-batch loss", [(np.arange(len(r[o]["loss"])), r[o]["loss"], o) for o in ("gd", "full_adam")],
-                 None, True)]
+                ("full-batch loss", [(np.arange(len(r[o]["loss"])), r[o]["loss"], o)
+                                     for o in ("gd", "full_adam")], None, True)]
     else:
         rows = [("train loss", [(np.arange(len(r["loss"])), r["loss"], "")], None, True),
                 ("sharpness", [(e, r["eigenvalues"][:, 0], "top eigenvalue")], edge, False)]
@@ -991,10 +1064,11 @@ def text(value):
         return f"{value:.4g}" if np.isfinite(value) else "nan"
     return str(value).replace("|", "/").replace("\n", " ")
 
-SOURCES = ("Sources: **paper**, the paper's own claim; **recalled**, remembered from the paper; **ours**, our "
-           "choice; **calibration**, read off the named run. A claim is met when every seed meets it and, for "
-           "gradient descent, beats the 95th percentile of surrogates with no shared feature. Claims were "
-           "committed before the run that judges them; checks (setting, derivation, diagnostic) are apart.")
+SOURCES = ("Sources: **paper**, the paper's own claim; **recalled**, remembered from the paper; **ours**, "
+           "our choice; **calibration**, read off the named run. A claim is met when every seed meets it "
+           "and, for gradient descent, beats the 95th percentile of surrogates with no shared feature. "
+           "Claims were committed before the run that judges them; checks (setting, derivation, diagnostic) "
+           "stand apart.")
 
 def write_report(out, results, profile, device):
     """report.md, rebuilt from the records on every run: per experiment its status, claims met, checks met and
@@ -1006,10 +1080,11 @@ def write_report(out, results, profile, device):
         commit = "unknown"
     lines = ["# osig: measured reproduction report", "", f"Profile `{profile}` on `{device}`, torch "
              f"{torch.__version__}; judged under commit `{commit}`, {time.strftime('%Y-%m-%d %H:%M')}.", "",
-             SOURCES, "", "| experiment | status | claims met | checks met | minutes |", "|---|---|---|---|---|"]
+             SOURCES, "", "| experiment | status | claims met | checks met | minutes |",
+             "|---|---|---|---|---|"]
     for name, result in results.items():
-        met = [[v["met"] for v in result.get("verdicts", []) if v["counted"] == counted and v["met"] is not None]
-               for counted in (True, False)]
+        met = [[v["met"] for v in result.get("verdicts", []) if v["counted"] == counted
+                and v["met"] is not None] for counted in (True, False)]
         lines.append(f"| {name} | {text(result['status'])} | {sum(met[0])}/{len(met[0])} | {sum(met[1])}/"
                      f"{len(met[1])} | {text(result.get('seconds', math.nan) / 60)} |")
     for name, result in results.items():
@@ -1017,10 +1092,11 @@ def write_report(out, results, profile, device):
         if result["status"] != "done":
             lines.append(f"**{text(result['status'])}**: {text(result.get('reason', ''))}")
             continue
-        lines += [f"![{f}]({name}/{f})" for f in result["figures"]] + [f"- {text(note)}" for note in result["notes"]]
-        for title, counted in (("Claims", True), ("Checks (setting, derivation, diagnostic; not counted)", False)):
-            lines += ["", f"{title}:", "", "| claim | target | source | per seed | p | surrogate P95 (P5 for <) | "
-                      "seeds | verdict |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"![{f}]({name}/{f})" for f in result["figures"]]
+        lines += [f"- {text(note)}" for note in result["notes"]]
+        for title, counted in (("Claims", True), ("Checks (not counted)", False)):
+            lines += ["", f"{title}:", "", "| claim | target | source | per seed | p | surrogate P95 (P5: <) "
+                      "| seeds | verdict |", "|---|---|---|---|---|---|---|---|"]
             lines += [f"| {text(v['claim'])} | {v['target']} | {text(v['source'])} | {text(v['values'])} | "
                       f"{text(v['p'])} | {text(v['threshold'])} | {v['seeds']} | {v['status']} |"
                       for v in result["verdicts"] if v["counted"] == counted]
@@ -1029,8 +1105,8 @@ def write_report(out, results, profile, device):
 
 # ------------------------------------------------------------ records and command line
 
-RUNS = {"linear": run_linear, "toy": run_toy, "gd": run_gd, "dose": run_dose, "interventions": run_interventions,
-        "optimizers": run_optimizers}
+RUNS = {"linear": run_linear, "toy": run_toy, "gd": run_gd, "dose": run_dose,
+        "interventions": run_interventions, "optimizers": run_optimizers}
 ASSETS = ("cifar_mse", "linear", "toy_ce", "text_optimizers")       # README's figures (--assets)
 
 def atomic_write(path, write):
@@ -1055,7 +1131,8 @@ def record_key(cfg, device):
             node.body = node.body[1:] if ast.get_docstring(node) else node.body
         return tree
 
-    parts, todo, seen = [ast.dump(code(Path(osig.__file__).read_text(encoding="utf-8")))], [RUNS[cfg.kind]], set()
+    parts = [ast.dump(code(Path(osig.__file__).read_text(encoding="utf-8")))]
+    todo, seen = [RUNS[cfg.kind]], set()
     while todo:
         tree = code(inspect.getsource(todo.pop()))
         parts.append(ast.dump(tree))
@@ -1084,9 +1161,9 @@ def nested(arrays):
     return record
 
 def check(arrays, cfg):
-    """Raise ValueError unless the flat arrays are exactly those the config's run declares in its docstring after
-    "Record:" (and "Record if images:" or "... text:"), each of its dtype kind (f, i, u, b, U) and with sizes
-    that agree wherever the declaration repeats a letter (within a top-level group)."""
+    """Raise ValueError unless the flat arrays are exactly those the config's run declares in its docstring
+    after "Record:" (and "Record if images:" or "... text:"), each of its dtype kind (f, i, u, b, U) and with
+    sizes that agree wherever the declaration repeats a letter (within a top-level group)."""
     parts, declared, sizes = re.split(r"Record(?: if (\w+))?:", RUNS[cfg.kind].__doc__), {}, {}
     text = parts[2] + "".join(body for tag, body in zip(parts[3::2], parts[4::2]) if tag in kinds(cfg))
     for names, kind, dims in re.findall(r"((?:\{[^}]*\}|[\w/])+)\s+([fiubU])\[([\w,]*)\]", text):
@@ -1104,8 +1181,8 @@ def check(arrays, cfg):
             raise ValueError(f"{name} is {arrays[name].dtype} {shape}, declared {kind}[{','.join(dims)}]")
 
 def saved(path, key, cfg):
-    """(record, seconds) saved at path with this key and the arrays its run declares; else None, with one warning
-    line when a file is there but cannot be used (it is then recomputed)."""
+    """(record, seconds) saved at path with this key and the arrays its run declares; else None, with one
+    warning line when a file is there but cannot be used (it is then recomputed)."""
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
@@ -1120,22 +1197,24 @@ def saved(path, key, cfg):
         print(f"  warning: {path} cannot be used ({type(error).__name__}: {error}); it will be recomputed")
 
 def experiment(name, cfg, args, compute=True, draw=True):
-    """One experiment: its records, one per seed and, for gradient descent, one per seed's surrogate, each reused
-    when saved with the same key, else (compute) computed and saved the moment it finishes; then its claims,
-    checks and figures. Missing data skips it with the fix; any other error fails it alone. Returns its result."""
+    """One experiment: its records, one per seed and, for gradient descent, one per seed's surrogate, each
+    reused when saved with the same key, else (compute) computed and saved the moment it finishes; then its
+    claims, checks and figures. Missing data skips it with the fix; any other error fails it alone. Returns
+    its result."""
     out, key, hint = Path(args.out) / name, record_key(cfg, args.device), args.hint + f" --only {name}"
-    result, records = {"title": " ".join(cfg.__doc__.split()), "status": "done", "seconds": 0.0, "notes": []}, {}
+    result = {"title": " ".join(cfg.__doc__.split()), "status": "done", "seconds": 0.0, "notes": []}
+    records = {}
     try:
         for prefix in ("seed", "surrogate") if cfg.kind == "gd" else ("seed",):
             for seed in cfg.seeds:
                 path, loaded = out / f"{prefix}{seed}.npz", None
                 loaded = None if args.force and compute else saved(path, key, cfg)
                 if loaded is None and not compute:
-                    return dict(result, status="not run", reason=f"no record for this config and code: {hint}")
+                    return dict(result, status="not run", reason=f"no record for it yet: {hint}")
                 if loaded is None:
                     print(f"\n=== {name}, {prefix} {seed}\n{cfg}")
                     threads, began = torch.get_num_threads(), time.time()
-                    torch.set_num_threads(1 if cfg.kind in ("linear", "toy") else threads)   # tiny float64 runs
+                    torch.set_num_threads(1 if cfg.kind in ("linear", "toy") else threads)   # tiny float64
                     try:
                         arrays = flat(run_gd(cfg, seed, args.device, print, surrogate=True) if prefix ==
                                       "surrogate" else RUNS[cfg.kind](cfg, seed, args.device, print))
@@ -1143,7 +1222,8 @@ def experiment(name, cfg, args, compute=True, draw=True):
                         torch.set_num_threads(threads)
                     check(arrays, cfg)                  # a run that breaks its own declaration is a bug
                     loaded = nested(arrays), time.time() - began
-                    atomic_write(path, lambda f: np.savez_compressed(f, _key=key, _seconds=loaded[1], **arrays))
+                    atomic_write(path, lambda f: np.savez_compressed(f, _key=key, _seconds=loaded[1],
+                                                                     **arrays))
                     print(f"  {name}, {prefix} {seed}: {loaded[1]:.0f} s")
                 records.setdefault(prefix, []).append(loaded[0])
                 result["seconds"] += loaded[1]
@@ -1165,7 +1245,8 @@ def preflight(name, cfg, device, log=print):
     x its start and, for gradient descent, the sharpness rises 1.5x (README: why)."""
     small = dict(n=4 if cfg.data == "shakespeare" else 16, steps=60, eig_every=20, seeds=(0,))
     small = dict(small, top=1, bands=1, random=2) if cfg.kind == "gd" else dict(
-        small, n_test=4, record_every=3, eig_examples=4, top=2, window=5, full_batch_steps=20, batch_size=2)
+        small, n_test=4, record_every=3, eig_examples=4, top=2, intervals=5, full_batch_steps=20,
+        batch_size=2)
     try:
         record = RUNS[cfg.kind](dataclasses.replace(cfg, **small), 0, device, lambda *a: None)
     except osig.DataError:
@@ -1174,17 +1255,19 @@ def preflight(name, cfg, device, log=print):
     sharpness = record["eigenvalues"][:, 0] if cfg.kind == "gd" else np.ones(2)
     problem = ("the loss does not fall" if not np.mean(loss[-10:]) <= 0.8 * loss[0] else "no progressive "
                "sharpening" if not sharpness.max() >= 1.5 * sharpness[0] else "")
-    message = (f"{name} ({cfg.model}, {cfg.loss}): loss {loss[0]:.3f} -> {np.mean(loss[-10:]):.3f}, sharpness "
-               f"x{sharpness.max() / sharpness[0]:.2f}" + (f" -- FAILS: {problem}" if problem else ""))
+    message = (f"{name} ({cfg.model}, {cfg.loss}): loss {loss[0]:.3f} -> {np.mean(loss[-10:]):.3f}, "
+               f"sharpness x{sharpness.max() / sharpness[0]:.2f}"
+               + (f" -- FAILS: {problem}" if problem else ""))
     log(("  preflight ok   | " if not problem else "  preflight FAIL | ") + message)
     return [(not problem, message)]
 
 def parse_args(argv):
     """The command line, every argument checked before anything is written."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=sorted(PROFILES), help="gpu (default with CUDA), cpu, smoke (tests)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), help="gpu (default with CUDA), cpu, smoke")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
-    parser.add_argument("--only", action="append", metavar="NAME", help="run only this experiment (repeatable)")
+    parser.add_argument("--only", action="append", metavar="NAME", help="run only this one (repeatable)")
     parser.add_argument("--out", default="results", help="results folder (default: results)")
     parser.add_argument("--seed", type=int, help="run every experiment on this one seed")
     parser.add_argument("--data", choices=["cifar10", "planted"], help="images of the image experiments")
@@ -1197,8 +1280,8 @@ def parse_args(argv):
     try:
         assert float(torch.ones(2, device=args.device).sum().cpu()) == 2.0
     except Exception as error:                  # an unknown, absent or computeless ("meta") device
-        parser.error(f"--device {args.device} cannot run computations here ({str(error).splitlines()[0][:99]})"
-                     f"; try --device cpu")
+        parser.error(f"--device {args.device} cannot run computations here "
+                     f"({str(error).splitlines()[0][:99]}); try --device cpu")
     args.profile = args.profile or ("gpu" if args.device.startswith("cuda") else "cpu")
     args.data = args.data or ("planted" if args.profile == "smoke" else "cifar10")
     if args.seed is not None and not 0 <= args.seed < 2 ** 31:
@@ -1220,13 +1303,15 @@ def main(argv=None):
                for name, cfg in PROFILES[args.profile].items()}
     chosen = [name for name in configs if not args.only or name in args.only]
     if args.claims or args.assets:              # from the records in --out: the claims, or README's figures
-        results = {n: experiment(n, c, args, False, False) for n, c in configs.items() if args.claims or n in ASSETS}
+        results = {n: experiment(n, c, args, False, False) for n, c in configs.items()
+                   if args.claims or n in ASSETS}
         for name in (n for n in ASSETS if args.assets and results.get(n, {}).get("status") == "done"):
             print("wrote", figures(name, configs[name], results[name]["first"], Path("assets")))
         print("\n".join(["| claim | target | source | measured (met: ✓) |", "|---|---|---|---|"] + [
-            f"| {text(row.claim)} | {row.target} | {row.source} | " + ", ".join(f"{name} {text(v['values'])}" + (
-                " ✓" if v["met"] else "") for name, result in results.items() for v in result.get("verdicts", [])
-                if v["claim"] == row.claim) + " |" for row in CLAIMS]) if args.claims else "")
+            f"| {text(row.claim)} | {row.target} | {row.source} | " + ", ".join(
+                f"{name} {text(v['values'])}" + (" ✓" if v["met"] else "") for name, result in results.items()
+                for v in result.get("verdicts", []) if v["claim"] == row.claim) + " |" for row in CLAIMS])
+              if args.claims else "")
         return 0
     if args.preflight:
         checks = [c for name in chosen if configs[name].kind in ("gd", "optimizers") for c in preflight(
@@ -1246,8 +1331,8 @@ def main(argv=None):
         return 143 if isinstance(error, Stopped) else 130
     print(f"\nreport: {out / 'report.md'}")
     if results and all(r["status"] == "skipped" for r in results.values()):
-        print("nothing ran: every requested experiment was skipped for missing data (reasons above); put the data "
-              "where they say, or set OSIG_DATA, and rerun", file=sys.stderr)
+        print("nothing ran: every requested experiment was skipped for missing data (reasons above); put the "
+              "data where they say, or set OSIG_DATA, and rerun", file=sys.stderr)
         return 2
     return 1 if any(r["status"] == "failed" for r in results.values()) else 0
 
