@@ -1064,6 +1064,15 @@ def text(value):
         return f"{value:.4g}" if np.isfinite(value) else "nan"
     return str(value).replace("|", "/").replace("\n", " ")
 
+def claim_cell(name, verdict):
+    """One experiment's entry in README's claims table: its values, ✓ when met, then in brackets the
+    surrogates' percentile and any verdict other than met or not met."""
+    percentile = 95 if verdict["target"][0] == ">" else 5
+    notes = [f"surrogate P{percentile} {text(verdict['threshold'])}"] * math.isfinite(verdict["threshold"])
+    notes += [verdict["status"]] * (verdict["status"] not in ("met", "not met"))
+    return f"{name} {text(verdict['values'])}" + " ✓" * bool(verdict["met"]) + (
+        f" ({'; '.join(notes)})" if notes else "")
+
 SOURCES = ("Sources: **paper**, the paper's own claim; **recalled**, remembered from the paper; **ours**, "
            "our choice; **calibration**, read off the named run. A claim is met when every seed meets it "
            "and, for gradient descent, beats the 95th percentile of surrogates with no shared feature. "
@@ -1309,9 +1318,8 @@ def main(argv=None):
             print("wrote", figures(name, configs[name], results[name]["first"], Path("assets")))
         print("\n".join(["| claim | target | source | measured (met: ✓) |", "|---|---|---|---|"] + [
             f"| {text(row.claim)} | {row.target} | {row.source} | " + ", ".join(
-                f"{name} {text(v['values'])}" + (" ✓" if v["met"] else "") for name, result in results.items()
-                for v in result.get("verdicts", []) if v["claim"] == row.claim) + " |" for row in CLAIMS])
-              if args.claims else "")
+                claim_cell(name, v) for name, result in results.items() for v in result.get("verdicts", [])
+                if v["claim"] == row.claim) + " |" for row in CLAIMS]) if args.claims else "")
         return 0
     if args.preflight:
         checks = [c for name in chosen if configs[name].kind in ("gd", "optimizers") for c in preflight(
