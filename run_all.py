@@ -1249,8 +1249,8 @@ def experiment(name, cfg, args, compute=True, draw=True):
     return result
 
 def preflight(name, cfg, device, log=print):
-    """A dead setting caught in seconds on any device: the experiment's own run on 16 images (planted ones
-    without the data) or 4 sequences for 60 steps, measured every 20. It passes when the loss ends at most 0.8
+    """A dead setting caught in seconds on any device: the experiment's own run on 16 images or 4 sequences
+    for 60 steps (no result without the data), measured every 20. It passes when the loss ends at most 0.8
     x its start and, for gradient descent, the sharpness rises 1.5x (README: why)."""
     small = dict(n=4 if cfg.data == "shakespeare" else 16, steps=60, eig_every=20, seeds=(0,))
     small = dict(small, top=1, bands=1, random=2) if cfg.kind == "gd" else dict(
@@ -1258,7 +1258,8 @@ def preflight(name, cfg, device, log=print):
         batch_size=2)
     try:
         record = RUNS[cfg.kind](dataclasses.replace(cfg, **small), 0, device, lambda *a: None)
-    except osig.DataError:
+    except osig.DataError as error:
+        log(f"  preflight skipped | {name}: {error}")
         return []
     loss = record["loss"] if cfg.kind == "gd" else record["gd"]["loss"]
     sharpness = record["eigenvalues"][:, 0] if cfg.kind == "gd" else np.ones(2)
