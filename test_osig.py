@@ -1247,9 +1247,8 @@ def test_the_gpu_profile_passes_its_preflight_on_the_cpu_and_a_dead_init_fails_i
     try:                        # real data only: on planted images a healthy VGG-11 fails the preflight too
         osig.load_cifar10(download=False), osig.load_tiny_shakespeare(download=False)
     except osig.DataError as error:
-        pytest.skip(f"needs CIFAR-10 and tiny Shakespeare: python ../shared/data/make_cifar10.py "
-                    f"\"$OSIG_DATA\" and ../shared/data/tinyshakespeare/input.txt in $OSIG_DATA/tinyshakespeare/"
-                    f" ({error})")
+        pytest.skip("needs the data: python ../shared/data/make_cifar10.py \"$OSIG_DATA\" and "
+                    f"../shared/data/tinyshakespeare/input.txt in $OSIG_DATA/tinyshakespeare/ ({error})")
     configs = run_all.PROFILES[profile]
     assert all(passed for name in ("cifar_ce", "text_gd") for passed, _ in run_all.preflight(
         name, configs[name], "cpu", log=lambda *a: None))
