@@ -1070,8 +1070,8 @@ def claim_cell(name, verdict):
     percentile = 95 if verdict["target"][0] == ">" else 5
     notes = [f"surrogate P{percentile} {text(verdict['threshold'])}"] * math.isfinite(verdict["threshold"])
     notes += [verdict["status"]] * (verdict["status"] not in ("met", "not met"))
-    return f"{name} {text(verdict['values'])}" + " ✓" * bool(verdict["met"]) + (
-        f" ({'; '.join(notes)})" if notes else "")
+    return (f"{name} {text(verdict['values'])}" + (" ✓" if verdict["met"] else "")
+            + (f" ({'; '.join(notes)})" if notes else ""))
 
 SOURCES = ("Sources: **paper**, the paper's own claim; **recalled**, remembered from the paper; **ours**, "
            "our choice; **calibration**, read off the named run. A claim is met when every seed meets it "
