@@ -1,9 +1,11 @@
 """
 osig.py: a readable reproduction of "Outliers with Opposing Signals Have an Outsized Effect on Neural Network
-Optimization" (Rosenfeld & Risteski, ICLR 2024). Each section uses only what came before it.
+Optimization" (Rosenfeld & Risteski, ICLR 2024). Each section uses only what came before it, but for the
+data loaders' plumbing (Appendix B) and `stability_threshold`'s key for section 7's SplitSGD.
   1. Sharpness      the objective, measuring without side effects, Hessian-vector products, Lanczos.
   2. Training       one loop for GD and minibatch optimizers, one hook; the edge of stability, one time axis.
-  3. Outliers       per-example losses, gradients, curvatures; a GD step's outliers and their opposing groups.
+  3. Outliers       per-example losses, gradients, curvatures, per-layer sharpness; a GD step's outliers and
+                    their opposing groups; spikes, anti-phase, matched examples and selection draws.
   4. Features       what the groups share: sky, backgrounds, colour probes, characters; null surrogates.
   5. Linear model   a two-layer linear network with an opposing feature: its sharpness in closed form.
   6. Toy network    a small ReLU network on a rare, large input: the mechanism end to end.
@@ -204,7 +206,7 @@ def top_eigenvalues(model, loss_fn, x, y, k=1, chunk=None, iters=100, tol=1e-3, 
 def sharpness_measure(loss_fn, x, y, every=20, k=1, chunk=None, iters=100, tol=1e-3, preconditioner=None):
     """A `train` hook: every `every` steps the top-k Hessian eigenvalues over (x, y) as "eigenvalues"; given
     preconditioner (optimizer -> P [P] or None), those of P^-1/2 H P^-1/2 as "preconditioned_eigenvalues" (nan
-    before P exists). A non-finite value raises FloatingPointError. Needs `top_eigenvalues`."""
+    before P exists). A non-finite plain value raises FloatingPointError. Needs `top_eigenvalues`."""
     warm = {}
 
     def measure(step, model, optimizer):
@@ -1343,7 +1345,7 @@ def read_cifar_batch(path):
 
 # ------------------------------------------------------------ Appendix C. Scoring the claims
 #
-# What run_all.py's claims call: sign and episode helpers, one null test (z, p) for every selection statistic,
+# What run_all.py's claims call: sign and episode helpers, one null test (z, p) for the selection statistics,
 # the selection and look-alike tests, spike, tail, alignment, probe and text statistics, t intervals and
 # power.
 
@@ -1406,7 +1408,7 @@ def null_test(observed, null, alternative="greater"):
 
 def gram_mean(gram, first, second):
     """The mean entry of a Gram matrix [C, C] between groups of positions [..., m1] and [..., m2] -> [...]:
-    with unit features, the groups' mean cosine (`coherence`)."""
+    with unit features, the groups' mean cosine (their coherence)."""
     first, second = np.asarray(first), np.asarray(second)
     return gram[first[..., :, None], second[..., None, :]].mean((-2, -1))
 
@@ -1536,7 +1538,8 @@ def paste_swing(shift, after, reference=40, window=50, control=1):
 def intervention_endpoints(history, lr, pair, window=50):
     """From a `train` history (sharpness as "eigenvalues"): crossing and approach (`edge_of_stability`),
     antiphase, the pair's (bool masks [N]) mean |Δ(L_first − L_second)| over the `window` steps from the
-    crossing (nan if under 10), curve, the sharpness per step. Needs `measured`, `edge_of_stability`."""
+    first measured step after the crossing (nan if under 10), curve, the sharpness per step. Needs `measured`,
+    `edge_of_stability`."""
     steps, sharpness = measured(history, "eigenvalues")
     losses = history["per_example_loss"].astype(np.float64)
     eos = edge_of_stability(steps, sharpness[:, 0], 2 / lr, len(losses))
